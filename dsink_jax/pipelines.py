@@ -1,0 +1,287 @@
+"""Experiment pipelines: a config in, trained stages and a results table out.
+
+Each function here is what `experiments/main.py` calls for one experiment family; they are
+importable so a notebook or a test runs exactly what the command line runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsink_jax import configs as configs_lib
+from dsink_jax import data as data_lib
+from dsink_jax import plots
+from dsink_jax.dsink import global_class_mass
+from dsink_jax.models import get_model
+from dsink_jax.train import loop, optim
+from dsink_jax.train import step as step_lib
+from dsink_jax.train.checkpoint import Checkpointer
+from dsink_jax.train.objectives import (LOSS_KIND, Objective, make_dsink_objective,
+                                        make_objective)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def prepare_training_set(config) -> data_lib.TrainingSet:
+    """Loads the configured source and applies the long tail, then the label noise."""
+    data = config.data
+    dataset = data_lib.load_dataset(configs_lib.dataset_spec(data.dataset),
+                                    data_dir=data.data_dir or None)
+    return data_lib.make_training_set(
+        dataset, imbalance_ratio=data.imbalance, profile=data.profile, noise=data.noise,
+        noise_rate=data.noise_rate, seed=config.seed, real_noise_key=data.real_noise_key or None)
+
+
+def augment_for(config, training_set: data_lib.TrainingSet) -> step_lib.Augment:
+    """Augmentation constants: per-channel statistics of the training images."""
+    mean, std = data_lib.channel_stats(training_set.x_train)
+    return step_lib.Augment(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                            crop_padding=int(config.data.crop_padding),
+                            flip=bool(config.data.flip))
+
+
+def make_model(config, num_classes: int, *, head: str = "linear"):
+    return get_model(config.model.name, num_classes=num_classes, width=config.model.width,
+                     head=head, dtype=_DTYPES[config.model.dtype])
+
+
+def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None = None,
+                 objective: Objective | None = None, teacher_models: tuple = ()
+                 ) -> step_lib.Method:
+    """The supervised method of a config: model, SGD, the bound loss, augmentation.
+
+    Args:
+      config: experiment config.
+      training_set: the data (class counts and size bind the loss).
+      loss: a loss name overriding `config.loss`.
+      objective: a ready objective (e.g. D-SINK's); overrides `loss`.
+      teacher_models: frozen modules whose logits the objective receives.
+    """
+    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    if objective is None:
+        objective = make_objective(
+            loss or config.loss, config.loss_options,
+            class_counts=training_set.noisy_class_counts, num_train=training_set.x_train.shape[0],
+            steps_per_epoch=steps_per_epoch, epochs=config.optim.epochs)
+    return step_lib.Method(
+        model=make_model(config, training_set.num_classes, head=objective.head),
+        tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
+        objective=objective, augment=augment_for(config, training_set),
+        teacher_models=tuple(teacher_models))
+
+
+def check_before_training(config, workdir: str) -> None:
+    """Every check that can fail fast: config values and the workdir."""
+    configs_lib.validate_config(config)
+    loop.ensure_writable_dir(workdir)
+
+
+# --------------------------------------------------------------------------- tables
+
+TABLE_COLUMNS = (
+    ("test_accuracy", "overall"),
+    ("many_shot_accuracy", "many"),
+    ("medium_shot_accuracy", "medium"),
+    ("few_shot_accuracy", "few"),
+    ("correction_rate", "corrected"),
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}"
+    return str(value)
+
+
+def results_table(rows: Iterable[dict], *, extra_columns: tuple = ()) -> str:
+    """A Markdown table of stage results (accuracies in %)."""
+    columns = TABLE_COLUMNS + tuple(extra_columns)
+    header = "| stage | loss | " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    for row in rows:
+        cells = [row.get("name", "?"), row.get("loss", "?")]
+        cells += [_fmt(row.get(key)) for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def data_header(training_set: data_lib.TrainingSet) -> str:
+    s = training_set
+    return (f"{s.name} ({s.source}): {s.x_train.shape[0]} training images, ratio "
+            f"{s.imbalance_ratio:g} ({s.profile}), noise {s.noise} {s.noise_rate:g} "
+            f"(realised {s.realised_noise_rate:.3f}), {s.x_test.shape[0]} test images")
+
+
+def write_summary(workdir: str, rows: list[dict], training_set: data_lib.TrainingSet,
+                  *, extra_columns: tuple = (), extra: dict | None = None) -> str:
+    """Writes `results.json` and `results.md` for a pipeline and returns the Markdown."""
+    table = results_table(rows, extra_columns=extra_columns)
+    markdown = (f"# Results\n\n{data_header(training_set)}\n\n"
+                "Accuracies in % on the clean test set; many > 100, few < 20 training images; "
+                "corrected = mislabelled training samples predicted as their true label.\n\n"
+                f"{table}\n")
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(markdown)
+    summary = {"data": training_set.summary(), "stages": rows, **(extra or {})}
+    loop.write_json(os.path.join(workdir, "results.json"), summary)
+    return markdown
+
+
+def _stage_row(name: str, loss: str, results: dict) -> dict:
+    keep = ("test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy",
+            "correction_rate", "images_per_sec", "params_fingerprint", "per_class_accuracy")
+    return {"name": name, "loss": loss, "robust_to": LOSS_KIND.get(loss, "-"),
+            **{k: results.get(k) for k in keep}}
+
+
+# --------------------------------------------------------------------------- baseline
+
+def run_baseline(config, workdir: str) -> dict:
+    """The `baseline` family: one model trained with `config.loss`.
+
+    Writes `workdir/results.json`, `workdir/results.md` and the stage's own outputs under
+    `workdir/<loss>/`. Returns the summary dict.
+    """
+    check_before_training(config, workdir)
+    training_set = prepare_training_set(config)
+    method = build_method(config, training_set)
+    stage_dir = os.path.join(workdir, config.loss)
+    results, _ = train_or_reuse_stage(config, stage_dir, training_set=training_set,
+                                      method=method, name=config.loss,
+                                      identity=_stage_identity(config, config.loss))
+    rows = [_stage_row(config.loss, config.loss, results)]
+    markdown = write_summary(workdir, rows, training_set)
+    print(markdown)
+    return json.loads(json.dumps({"stages": rows}, default=str))
+
+
+# --------------------------------------------------------------------------- D-SINK
+
+def _stage_identity(config, loss: str) -> dict:
+    """What determines a trained auxiliary stage; a finished stage is reused when it matches."""
+    c = config.to_dict()
+    return {"data": c["data"], "model": c["model"], "optim": c["optim"], "seed": c["seed"],
+            "loss": loss, "loss_options": c["loss_options"]}
+
+
+def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: str,
+                         identity: dict, **train_kwargs) -> tuple[dict, Any]:
+    """Trains a stage, or reuses it when `stage_dir` holds a finished run of the same identity.
+
+    A finished stage has `results.json` with the same `identity` and a final checkpoint; its
+    state is restored from the checkpoint. An unfinished stage resumes from its checkpoints.
+    """
+    results_path = os.path.join(stage_dir, "results.json")
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            previous = json.load(f)
+        if previous.get("identity") == json.loads(json.dumps(identity)):
+            template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
+                                           training_set.x_train[:1])
+            restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                    keep=config.keep_checkpoints).restore_latest(template)
+            if restored is not None and restored[1] == config.optim.epochs:
+                print(f"[{name}] reusing the finished stage in {stage_dir}")
+                return previous, restored[0]
+        # A different configuration: start this stage afresh.
+        shutil.rmtree(stage_dir)
+    results, state = loop.train(config, stage_dir, training_set=training_set, method=method,
+                                name=name, **train_kwargs)
+    results["identity"] = identity
+    loop.write_json(results_path, results)
+    return results, state
+
+
+def run_dsink(config, workdir: str) -> dict:
+    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (METHOD.md §1).
+
+    Each stage trains in `workdir/<stage>/` with its own checkpoints and `results.json`; a
+    finished stage is reused when the command runs again. The teachers are frozen and passed to
+    the student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
+    `workdir/results.md` and `workdir/plots/*.png`; returns the summary.
+    """
+    check_before_training(config, workdir)
+    configs_lib.validate_dsink_config(config)
+    training_set = prepare_training_set(config)
+    d = config.dsink
+    rows, curves, stage_states = [], {}, {}
+
+    for stage, loss in (("baseline", d.baseline_loss), ("imbalance_teacher", d.imbalance_loss),
+                        ("noise_teacher", d.noise_loss)):
+        method = build_method(config, training_set, loss=loss)
+        stage_dir = os.path.join(workdir, stage)
+        results, state = train_or_reuse_stage(
+            config, stage_dir, training_set=training_set, method=method, name=stage,
+            identity=_stage_identity(config, loss))
+        rows.append(_stage_row(stage, loss, results))
+        curves[stage] = plots.read_metric_curve(os.path.join(stage_dir, "metrics.jsonl"),
+                                                "correction_rate")
+        stage_states[stage] = (method.model, state.variables)
+
+    noise_model, noise_vars = stage_states["noise_teacher"]
+    imbalance_model, imbalance_vars = stage_states["imbalance_teacher"]
+    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    class_mass = None
+    if d.class_mass == "global":
+        augment = augment_for(config, training_set)
+        predict = jax.jit(lambda v, x: step_lib.predict_logits(
+            v, x, model=imbalance_model, augment=augment))
+        logits = step_lib.batched_predict(predict, imbalance_vars, training_set.x_train,
+                                          config.eval_batch_size)
+        class_mass = np.asarray(global_class_mass(logits))
+    objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
+                                     steps_per_epoch=steps_per_epoch, class_mass=class_mass)
+    method = build_method(config, training_set, objective=objective,
+                          teacher_models=(noise_model, imbalance_model))
+    student_dir = os.path.join(workdir, "student")
+    identity = {**_stage_identity(config, "dsink"), "dsink": d.to_dict(),
+                "teachers": [r["params_fingerprint"] for r in rows[1:]]}
+    results, _ = train_or_reuse_stage(
+        config, student_dir, training_set=training_set, method=method, name="student",
+        identity=identity, teacher_variables=(noise_vars, imbalance_vars))
+    student_row = _stage_row("student", "dsink", results)
+    epochs, values = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
+                                             "train_allocation_accuracy")
+    student_row["allocation_accuracy"] = values[-1] if values else None
+    _, corr = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
+                                      "train_allocation_correction")
+    student_row["allocation_correction"] = corr[-1] if corr else None
+    rows.append(student_row)
+    curves["student"] = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
+                                                "correction_rate")
+    curves["student allocation (train, running)"] = plots.read_metric_curve(
+        os.path.join(student_dir, "metrics.jsonl"), "train_allocation_correction")
+
+    plot_dir = os.path.join(workdir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    plots.per_class_accuracy_vs_size(rows, training_set.class_counts,
+                                     os.path.join(plot_dir, "per_class_accuracy.png"))
+    plots.correction_over_epochs(curves, os.path.join(plot_dir, "correction_rate.png"))
+    markdown = write_summary(
+        workdir, rows, training_set,
+        extra_columns=(("allocation_accuracy", "alloc. acc."),
+                       ("allocation_correction", "alloc. corrected")),
+        extra={"dsink": d.to_dict(), "allocation_accuracy_curve": {"epochs": epochs,
+                                                                 "values": values}})
+    print(markdown)
+    return {"stages": rows}
+
+
+PIPELINES = {"baseline": run_baseline, "dsink": run_dsink}
+
+
+def run(config, workdir: str) -> dict:
+    """Runs the pipeline of `config.family`."""
+    if config.family not in PIPELINES:
+        raise configs_lib.ConfigError(
+            f"unknown family {config.family!r}; allowed: {', '.join(PIPELINES)}")
+    return PIPELINES[config.family](config, workdir)

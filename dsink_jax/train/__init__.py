@@ -1,0 +1,1 @@
+"""Training: explicit state, pure jitted steps, the loop, checkpoints and results."""

@@ -1,0 +1,191 @@
+"""Training objectives: a loss name bound to the data it needs (class counts, schedule, memory).
+
+An objective is what the pure train step minimises. It is a plain function
+
+    objective(logits, labels, *, indices, extra, step, teacher_logits)
+        -> (per_example_loss [B], new_extra, aux_metrics)
+
+closed over constants (class prior, margins, DRW weights), so the step stays one jitted program.
+`extra` is the method state carried in `TrainState.extra` (ELR's per-sample targets), and
+`teacher_logits` the frozen teachers' logits on the same augmented batch (used by D-SINK).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsink_jax import losses
+
+LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr")
+# What each loss is robust to; used by docs and result tables.
+LOSS_KIND = {
+    "ce": "none",
+    "la": "imbalance",
+    "balanced_softmax": "imbalance",
+    "ldam_drw": "imbalance",
+    "gce": "noise",
+    "sce": "noise",
+    "elr": "noise",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A bound objective.
+
+    Attributes:
+      name: the loss name.
+      fn: `fn(logits, labels, *, indices, extra, step, teacher_logits) -> (loss [B], extra, aux)`.
+      init_extra: `init_extra() -> dict` of method state (numpy arrays) for `TrainState.extra`.
+      head: the model head the loss expects ("linear", or "cosine" for LDAM).
+    """
+
+    name: str
+    fn: Callable[..., tuple[jax.Array, dict, dict]]
+    init_extra: Callable[[], dict]
+    head: str = "linear"
+
+    def __call__(self, logits, labels, *, indices, extra, step, teacher_logits=()):
+        return self.fn(logits, labels, indices=indices, extra=extra, step=step,
+                       teacher_logits=teacher_logits)
+
+
+def _no_extra() -> dict:
+    return {}
+
+
+def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_train: int,
+                   steps_per_epoch: int, epochs: int) -> Objective:
+    """Binds a single-robustness loss to the training set.
+
+    Args:
+      name: one of :data:`LOSS_NAMES`.
+      options: `config.loss_options` (see `dsink_jax.configs.LOSS_DEFAULTS`).
+      class_counts: int [C], training examples per class (given labels: the prior a practitioner
+        can observe on noisy data).
+      num_train: N, the number of training examples (ELR's memory size).
+      steps_per_epoch: optimizer steps per epoch (DRW's start step).
+      epochs: total epochs (DRW starts at `drw_start_fraction * epochs`).
+
+    Returns:
+      An :class:`Objective`.
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSS_NAMES)}")
+    counts = np.asarray(class_counts, np.float64)
+    num_classes = counts.shape[0]
+    prior = jnp.asarray(np.maximum(counts, 1) / np.maximum(counts, 1).sum(), jnp.float32)
+
+    def wrap(per_example):
+        def fn(logits, labels, *, indices, extra, step, teacher_logits):
+            del indices, step, teacher_logits
+            return per_example(logits, labels), extra, {}
+        return fn
+
+    if name == "ce":
+        return Objective(name, wrap(losses.cross_entropy), _no_extra)
+    if name == "la":
+        tau = float(options.la_tau)
+        return Objective(name, wrap(
+            lambda lg, y: losses.logit_adjusted_loss(lg, y, class_prior=prior, tau=tau)), _no_extra)
+    if name == "balanced_softmax":
+        return Objective(name, wrap(
+            lambda lg, y: losses.balanced_softmax_loss(lg, y, class_prior=prior)), _no_extra)
+    if name == "gce":
+        q = float(options.gce_q)
+        return Objective(name, wrap(
+            lambda lg, y: losses.generalized_cross_entropy(lg, y, q=q)), _no_extra)
+    if name == "sce":
+        a, b = float(options.sce_alpha), float(options.sce_beta)
+        return Objective(name, wrap(
+            lambda lg, y: losses.symmetric_cross_entropy(lg, y, alpha=a, beta=b)), _no_extra)
+    if name == "ldam_drw":
+        margins = losses.ldam_margins(counts, max_margin=float(options.ldam_max_margin))
+        weights = losses.drw_class_weights(counts, beta=float(options.drw_beta))
+        drw_start = int(round(float(options.drw_start_fraction) * epochs)) * steps_per_epoch
+        scale = float(options.ldam_scale)
+
+        def ldam(logits, labels, *, indices, extra, step, teacher_logits):
+            del indices, teacher_logits
+            # Deferred re-weighting: plain LDAM first, class-balanced weights from drw_start on.
+            w = jnp.where(step >= drw_start, jnp.asarray(weights, jnp.float32),
+                          jnp.ones((num_classes,), jnp.float32))
+            loss = losses.ldam_loss(logits, labels, margins=margins, scale=scale,
+                                    class_weights=w)
+            return loss, extra, {}
+        return Objective(name, ldam, _no_extra, head="cosine")
+    # ELR: per-sample target memory carried in the training state.
+    lam, beta = float(options.elr_lambda), float(options.elr_beta)
+
+    def elr(logits, labels, *, indices, extra, step, teacher_logits):
+        del step, teacher_logits
+        memory = extra["elr_targets"]
+        targets = losses.elr_update_targets(memory[indices], logits, beta=beta)
+        loss = losses.elr_loss(logits, labels, targets=targets, lam=lam)
+        return loss, {**extra, "elr_targets": memory.at[indices].set(targets)}, {}
+
+    def elr_init():
+        return {"elr_targets": np.zeros((num_train, num_classes), np.float32)}
+    return Objective(name, elr, elr_init)
+
+
+CLASS_MASS_MODES = ("batch", "global")
+
+
+def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_epoch: int,
+                         class_mass: np.ndarray | None = None) -> Objective:
+    """The D-SINK student objective: base CE + alpha * soft CE to the Sinkhorn allocation.
+
+    The teachers' logits arrive as `teacher_logits = (noise_teacher, imbalance_teacher)`. alpha
+    and epsilon are read from `extra["hparams"]` when present (a vmapped sweep stores one value
+    per member there), else from `options`.
+
+    Args:
+      options: `config.dsink`: alpha, epsilon, num_iters, backend, base_loss,
+        alpha_warmup_epochs (alpha ramps linearly from 0 over these epochs; 0 = off).
+      clean_labels: int [N] true training labels, only for the diagnostics "allocation_accuracy"
+        (argmax q_i equals the clean label) and "allocation_correction" (the same, among
+        mislabelled samples); they never enter the loss.
+      steps_per_epoch: for the alpha warm-up.
+      class_mass: None for the "batch" mode (f_L's mean probability over the batch), or the
+        [C] "global" class mass (f_L's mean over the training set, computed once).
+    """
+    from dsink_jax.dsink import dsink_loss  # the loss knows nothing of training
+
+    clean = jnp.asarray(clean_labels, jnp.int32)
+    mass = None if class_mass is None else jnp.asarray(class_mass, jnp.float32)
+    warmup_steps = float(options.alpha_warmup_epochs) * steps_per_epoch
+    num_iters, backend, base = int(options.num_iters), str(options.backend), str(options.base_loss)
+
+    def fn(logits, labels, *, indices, extra, step, teacher_logits):
+        noise_logits, imbalance_logits = teacher_logits
+        hp = extra.get("hparams", {})
+        alpha = hp.get("alpha", float(options.alpha))
+        epsilon = hp.get("epsilon", float(options.epsilon))
+        if warmup_steps > 0:
+            alpha = alpha * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+        _, aux = dsink_loss(logits, noise_logits, imbalance_logits, labels, alpha=alpha,
+                            epsilon=epsilon, class_mass=mass, num_iters=num_iters,
+                            backend=backend, base_loss=base)
+        q_pred = jnp.argmax(aux["allocation"], -1)
+        true = clean[indices]
+        noisy = (labels != true).astype(jnp.float32)
+        hit = (q_pred == true).astype(jnp.float32)
+        diagnostics = {
+            "allocation_accuracy": jnp.mean(hit),
+            # Among mislabelled samples; a batch may have none, so the loop divides the sums
+            # over the epoch (see `dsink_jax.train.loop`: *_numerator / *_denominator).
+            "allocation_correction_numerator": jnp.sum(hit * noisy),
+            "allocation_correction_denominator": jnp.sum(noisy),
+            "marginal_error": aux["marginal_error"],
+            "allocation_entropy": aux["allocation_entropy"],
+            "distill_loss": jnp.mean(aux["distill"]),
+        }
+        return aux["per_example"], extra, diagnostics
+
+    return Objective("dsink", fn, _no_extra)

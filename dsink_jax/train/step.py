@@ -1,0 +1,199 @@
+"""Pure training and evaluation steps.
+
+`train_step(state, batch, teacher_variables, *, method)` is a pure function of explicit pytrees. It
+is jitted where it is called, with the state donated:
+
+    step = jax.jit(functools.partial(train_step, method=method), donate_argnums=0)
+
+The batch holds raw uint8 images; augmentation (crop, flip, normalisation) runs inside the step
+on device, keyed by `fold_in(state.rng, state.step)`, so a resumed run replays the same randomness.
+Frozen teachers are arguments (`teacher_variables`), never part of the optimised state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dsink_jax.data import augment as augment_lib
+from dsink_jax.train.objectives import Objective
+from dsink_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Augmentation and normalisation constants (per-channel, in [0, 1] units)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    flip: bool = True
+
+    def train(self, rng: jax.Array, images: jax.Array) -> jax.Array:
+        return augment_lib.augment_batch(rng, images, mean=np.asarray(self.mean, np.float32),
+                                         std=np.asarray(self.std, np.float32),
+                                         crop_padding=self.crop_padding, flip=self.flip)
+
+    def eval(self, images: jax.Array) -> jax.Array:
+        return augment_lib.normalize(images, mean=np.asarray(self.mean, np.float32),
+                                     std=np.asarray(self.std, np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything static a supervised step needs (models, optimizer, objective, augmentation).
+
+    Attributes:
+      model: the Flax module being trained; `model.apply(v, x, train=...) -> (logits, features)`.
+      tx: the optax optimizer.
+      objective: the bound loss (see `dsink_jax.train.objectives`).
+      augment: augmentation constants.
+      teacher_models: frozen Flax modules whose logits on the same augmented batch are handed to
+        the objective (D-SINK's auxiliaries); their variables come as a step argument.
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    objective: Objective
+    augment: Augment
+    teacher_models: tuple[nn.Module, ...] = ()
+
+
+def init_state(method: Method, rng: jax.Array, sample_images: np.ndarray) -> TrainState:
+    """Initialises parameters, optimizer state and method memory.
+
+    Args:
+      method: the method.
+      rng: the run's key, split once: parameters from the first half, steps use
+        `fold_in(second, step)`.
+      sample_images: uint8 [b, H, W, C], only its shape is used.
+
+    Returns:
+      A :class:`TrainState` at step 0.
+    """
+    x = jnp.zeros((1,) + tuple(sample_images.shape[1:]), jnp.float32)
+    init_rng, step_rng = jax.random.split(rng)
+    variables = method.model.init(init_rng, x, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    extra = jax.tree.map(jnp.asarray, method.objective.init_extra())
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=method.tx.init(params), rng=step_rng, extra=extra)
+
+
+def prepare_batch(rng: jax.Array, step: jax.Array, batch: dict[str, jax.Array],
+                  teacher_variables=(), *, method: Method) -> tuple[jax.Array, tuple]:
+    """Augments the batch and runs the frozen teachers on it (forward only, no gradient).
+
+    Split from the update so that a vmapped sweep runs it once for all members.
+
+    Returns:
+      (images float32 [B, H, W, C], teacher_logits: tuple of [B, C], one per teacher).
+    """
+    images = method.augment.train(jax.random.fold_in(rng, step), batch["images"])
+    teacher_logits = tuple(
+        jax.lax.stop_gradient(model.apply(variables, images, train=False)[0])
+        for model, variables in zip(method.teacher_models, teacher_variables))
+    return images, teacher_logits
+
+
+def apply_update(state: TrainState, images: jax.Array, batch: dict[str, jax.Array],
+                 teacher_logits: tuple = (), *, method: Method
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The gradient step on prepared images (see :func:`train_step`)."""
+
+    def loss_fn(params):
+        variables = {"params": params}
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+            (logits, _), updates = method.model.apply(variables, images, train=True,
+                                                      mutable=["batch_stats"])
+            new_stats = updates["batch_stats"]
+        else:
+            logits, _ = method.model.apply(variables, images, train=True)
+            new_stats = state.batch_stats
+        per_example, extra, aux = method.objective(
+            logits, batch["labels"], indices=batch["indices"], extra=state.extra,
+            step=state.step, teacher_logits=teacher_logits)
+        return jnp.mean(per_example), (logits, new_stats, extra, aux)
+
+    (loss, (logits, new_stats, extra, aux)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
+        "grad_norm": grad_norm,
+        "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        **{k: v for k, v in aux.items() if jnp.ndim(v) == 0},
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state, extra=extra)
+    return new_state, metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables=(), *,
+               method: Method) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step: augment, run the frozen teachers, update the model.
+
+    Args:
+      state: the training state.
+      batch: "images" uint8 [B, H, W, C], "labels" int32 [B] (the given, possibly noisy labels),
+        "indices" int32 [B] (positions in the training set, for per-sample memory).
+      teacher_variables: tuple of frozen Flax variables, one per `method.teacher_models`.
+      method: static parts (bind with functools.partial before jitting).
+
+    Returns:
+      (new_state, metrics) with scalar metrics "loss", "accuracy" (against the given labels),
+      "grad_norm", "finite" (True when the loss and gradients are finite) and the objective's
+      own scalar diagnostics.
+    """
+    images, teacher_logits = prepare_batch(state.rng, state.step, batch, teacher_variables,
+                                           method=method)
+    return apply_update(state, images, batch, teacher_logits, method=method)
+
+
+def predict_logits(variables: dict, images: jax.Array, *, model: nn.Module,
+                   augment: Augment) -> jax.Array:
+    """Eval-mode logits [B, C] for uint8 images [B, H, W, C] (no augmentation)."""
+    logits, _ = model.apply(variables, augment.eval(images), train=False)
+    return logits.astype(jnp.float32)
+
+
+def batched_predict(predict_fn, state, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Runs a jitted `predict_fn(state, images)` over a dataset in fixed-size batches.
+
+    The last batch is padded to `batch_size` (and the padding dropped) so the function is traced
+    once, whatever the dataset size.
+
+    Returns:
+      float32 numpy [N, C] logits.
+    """
+    n = images.shape[0]
+    batch_size = min(batch_size, n)
+    outputs = []
+    for start in range(0, n, batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+        outputs.append(predict_fn(state, chunk)[:batch_size - pad])
+    return np.asarray(jnp.concatenate(outputs)) if outputs else np.zeros((0, 0), np.float32)
+
+
+def params_fingerprint(params: Any) -> str:
+    """A SHA-256 of the parameters' bytes in tree order (same run => same hash, bit for bit)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()[:16]

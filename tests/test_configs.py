@@ -1,0 +1,66 @@
+"""Config parsing and validation: typos and bad values fail before any work."""
+
+import pytest
+
+from dsink_jax import configs
+
+
+def build(**kw):
+    return configs.build_config("baseline", dict(configs.COMMON_ARGS, **kw))
+
+
+def test_arg_string_is_typed():
+    args = configs.parse_arg_string("dataset=npz:/x/y.npz,imbalance=100,seed=3",
+                                    configs.COMMON_ARGS)
+    assert args["dataset"] == "npz:/x/y.npz"
+    assert args["imbalance"] == 100.0 and args["seed"] == 3
+
+
+def test_unknown_argument_names_the_allowed_ones():
+    with pytest.raises(configs.ConfigError, match="unknown config argument 'imbalanse'.*imbalance"):
+        configs.parse_arg_string("imbalanse=10", configs.COMMON_ARGS)
+
+
+def test_bad_type_is_reported():
+    with pytest.raises(configs.ConfigError, match="seed='x' is not a valid int"):
+        configs.parse_arg_string("seed=x", configs.COMMON_ARGS)
+
+
+def test_locked_config_rejects_typos():
+    config = build()
+    with pytest.raises(AttributeError):
+        config.optim.learning_rat = 0.1
+
+
+def test_paper_preset_is_the_ldam_drw_protocol():
+    config = build(dataset="cifar10", preset="paper")
+    assert config.model.name == "resnet32"
+    assert (config.optim.epochs, config.optim.batch_size) == (200, 128)
+    assert config.optim.learning_rate == 0.1 and config.optim.weight_decay == 2e-4
+    assert config.optim.warmup_epochs == 5 and config.optim.schedule == "step"
+    assert config.data.crop_padding == 4 and config.data.flip
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.name", "vgg", "model.name='vgg'; allowed: "),
+    ("loss", "focal", "loss='focal'; allowed: ce, la"),
+    ("optim.learning_rate", 0.0, "learning_rate=0.0 must be > 0"),
+    ("optim.epochs", 0, "epochs=0 must be >= 1"),
+    ("optim.batch_size", 0, "batch_size=0 must be >= 1"),
+    ("data.imbalance", 0.5, "imbalance=0.5 must be >= 1"),
+    ("data.noise_rate", 1.0, r"noise_rate=1.0 must be in \[0, 1\)"),
+    ("data.noise", "pairflip", "noise='pairflip'; allowed: "),
+    ("data.dataset", "mnist", "unknown dataset 'mnist'"),
+])
+def test_validation_names_bad_value(field, value, message):
+    config = build()
+    section, _, key = field.rpartition(".")
+    target = config[section] if section else config
+    target[key] = value
+    with pytest.raises(configs.ConfigError, match=message):
+        configs.validate_config(config)
+
+
+def test_unknown_preset():
+    with pytest.raises(configs.ConfigError, match="unknown preset 'fast'; allowed: paper, cpu, smoke"):
+        build(preset="fast")
