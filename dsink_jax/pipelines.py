@@ -201,20 +201,16 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
     return results, state
 
 
-def run_dsink(config, workdir: str) -> dict:
-    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (METHOD.md §1).
+def train_teachers(config, workdir: str, training_set) -> dict:
+    """Trains (or reuses) the CE baseline and the two auxiliaries of the `dsink` family.
 
-    Each stage trains in `workdir/<stage>/` with its own checkpoints and `results.json`; a
-    finished stage is reused when the command runs again. The teachers are frozen and passed to
-    the student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
-    `workdir/results.md` and `workdir/plots/*.png`; returns the summary.
+    Returns:
+      {"rows": table rows, "curves": correction-rate curves, "objective": the student's bound
+       D-SINK objective, "teacher_models": (f_N, f_L) modules, "teacher_variables": their frozen
+       variables, "fingerprints": the teachers' parameter hashes}.
     """
-    check_before_training(config, workdir)
-    configs_lib.validate_dsink_config(config)
-    training_set = prepare_training_set(config)
     d = config.dsink
     rows, curves, stage_states = [], {}, {}
-
     for stage, loss in (("baseline", d.baseline_loss), ("imbalance_teacher", d.imbalance_loss),
                         ("noise_teacher", d.noise_loss)):
         method = build_method(config, training_set, loss=loss)
@@ -240,14 +236,34 @@ def run_dsink(config, workdir: str) -> dict:
         class_mass = np.asarray(global_class_mass(logits))
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=steps_per_epoch, class_mass=class_mass)
-    method = build_method(config, training_set, objective=objective,
-                          teacher_models=(noise_model, imbalance_model))
+    return {"rows": rows, "curves": curves, "objective": objective,
+            "teacher_models": (noise_model, imbalance_model),
+            "teacher_variables": (noise_vars, imbalance_vars),
+            "fingerprints": [r["params_fingerprint"] for r in rows[1:]]}
+
+
+def run_dsink(config, workdir: str) -> dict:
+    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (METHOD.md §1).
+
+    Each stage trains in `workdir/<stage>/` with its own checkpoints and `results.json`; a
+    finished stage is reused when the command runs again. The teachers are frozen and passed to
+    the student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
+    `workdir/results.md` and `workdir/plots/*.png`; returns the summary.
+    """
+    check_before_training(config, workdir)
+    configs_lib.validate_dsink_config(config)
+    training_set = prepare_training_set(config)
+    d = config.dsink
+    teachers = train_teachers(config, workdir, training_set)
+    rows, curves = teachers["rows"], teachers["curves"]
+    method = build_method(config, training_set, objective=teachers["objective"],
+                          teacher_models=teachers["teacher_models"])
     student_dir = os.path.join(workdir, "student")
     identity = {**_stage_identity(config, "dsink"), "dsink": d.to_dict(),
-                "teachers": [r["params_fingerprint"] for r in rows[1:]]}
+                "teachers": teachers["fingerprints"]}
     results, _ = train_or_reuse_stage(
         config, student_dir, training_set=training_set, method=method, name="student",
-        identity=identity, teacher_variables=(noise_vars, imbalance_vars))
+        identity=identity, teacher_variables=teachers["teacher_variables"])
     student_row = _stage_row("student", "dsink", results)
     epochs, values = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
                                              "train_allocation_accuracy")

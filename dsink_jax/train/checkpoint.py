@@ -31,7 +31,7 @@ class Checkpointer:
                 max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
     def all_epochs(self) -> list[int]:
-        return sorted(self._manager.all_steps(read=True))
+        return sorted(self._manager.all_steps())
 
     def save(self, epoch: int, state: Any) -> None:
         """Writes the state after `epoch` epochs (blocking; complete or absent, never half)."""

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -201,8 +202,10 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
             out["correction_rate"] = None
         return out
 
+    # A live bar on a terminal; in a log file (no TTY) one line per evaluation instead.
+    interactive = bool(config.progress) and sys.stderr.isatty()
     bar = tqdm.tqdm(total=epochs, initial=start_epoch, desc=name, unit="epoch",
-                    disable=not config.progress, dynamic_ncols=True)
+                    disable=not interactive, dynamic_ncols=True)
     timed_images, timed_seconds = 0, 0.0
     try:
         for epoch in range(start_epoch, epochs):
@@ -231,6 +234,10 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
                                if isinstance(v, (int, float)) or v is None})
                 if epoch_hook is not None:
                     record.update(epoch_hook(state, done))
+                if config.progress and not interactive:
+                    print(f"[{name}] epoch {done}/{epochs} loss {epoch_metrics['loss']:.4f} "
+                          f"test accuracy {evaluation['test_accuracy']:.4f}", file=sys.stderr,
+                          flush=True)
             log.write(record)
             if done % config.checkpoint_every_epochs == 0 or done == epochs:
                 checkpointer.save(done, state)
