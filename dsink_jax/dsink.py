@@ -1,0 +1,215 @@
+"""The D-SINK loss: base loss + alpha * soft-label CE to the Sinkhorn allocation.
+
+METHOD.md section 1. For a batch with student logits ``s``, noise-robust
+teacher logits ``s^N`` and imbalance-robust teacher logits ``s^L``:
+
+  Q       = sinkhorn_allocation(log_softmax(s^N), log_softmax(s), m)   (target)
+  loss_i  = L_base(s_i, y_i) + alpha * CE(q_i, softmax(s_i))
+
+with ``m`` the imbalance teacher's class mass: the batch mean of
+``softmax(s^L)`` (``class_mass=None``, the "batch" mode) or a fixed vector such
+as :func:`global_class_mass` over the training set (the "global" mode).
+Teachers and Q carry no gradient, so the student gradient is that of the
+soft-label CE with Q held fixed (the paper's bi-level scheme).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dsink_jax.ot.sinkhorn import (_is_concrete, _validate_options,
+                                   sinkhorn_allocation)
+
+__all__ = ["BASE_LOSSES", "dsink_loss", "global_class_mass"]
+
+BASE_LOSSES = ("ce", "none")
+
+
+def global_class_mass(imbalance_teacher_logits_all: jax.Array) -> jax.Array:
+    """Class mass of the imbalance teacher over a whole dataset ("global" mode).
+
+    Args:
+      imbalance_teacher_logits_all: [N, C] logits of ``f_L`` on every training
+        example (computed once; ``f_L`` is frozen).
+
+    Returns:
+      [C] float32 mean of ``softmax`` over the N examples (sums to 1).
+    """
+    logits = jnp.asarray(imbalance_teacher_logits_all)
+    if logits.ndim != 2 or logits.shape[0] < 1:
+        raise ValueError(
+            f"imbalance_teacher_logits_all has shape {logits.shape}; expected "
+            "[N, C] with N >= 1.")
+    if _is_concrete(logits) and not np.all(np.isfinite(np.asarray(logits))):
+        raise ValueError(
+            "imbalance_teacher_logits_all has non-finite entries; logits must be "
+            "finite.")
+    return jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=0)
+
+
+def _check_logits(name, logits, expected_shape):
+    shape = jnp.shape(logits)
+    if len(shape) != 2 or (expected_shape is not None
+                           and shape != expected_shape):
+        want = "[B, C]" if expected_shape is None else str(expected_shape)
+        raise ValueError(
+            f"{name} has shape {shape}; expected {want} (the student's shape).")
+    if _is_concrete(logits) and not np.all(np.isfinite(np.asarray(logits))):
+        raise ValueError(f"{name} has non-finite entries; logits must be finite.")
+
+
+def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
+              labels, alpha, epsilon, class_mass, num_iters, backend,
+              base_loss):
+    """Raises ValueError/TypeError before any computation (trace time)."""
+    if base_loss not in BASE_LOSSES:
+        raise ValueError(
+            f"base_loss={base_loss!r}; allowed values: {BASE_LOSSES}.")
+    _check_logits("student_logits", student_logits, None)
+    shape = jnp.shape(student_logits)
+    _check_logits("noise_teacher_logits", noise_teacher_logits, shape)
+    if imbalance_teacher_logits is None:
+        if class_mass is None:
+            raise ValueError(
+                "imbalance_teacher_logits=None needs a class_mass vector (the "
+                "'global' mode); got class_mass=None.")
+    else:
+        _check_logits("imbalance_teacher_logits", imbalance_teacher_logits, shape)
+    if base_loss == "ce":
+        if labels is None:
+            raise ValueError("labels=None needs base_loss='none'; base_loss='ce'.")
+        if jnp.shape(labels) != shape[:1]:
+            raise ValueError(
+                f"labels has shape {jnp.shape(labels)}; expected ({shape[0]},).")
+        if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            raise TypeError(
+                f"labels has dtype {jnp.result_type(labels)}; expected integers.")
+        if _is_concrete(labels):
+            values = np.asarray(labels)
+            if values.size and (values.min() < 0 or values.max() >= shape[1]):
+                raise ValueError(
+                    f"labels range over [{values.min()}, {values.max()}]; allowed "
+                    f"range: [0, {shape[1] - 1}].")
+    # Here, not only inside the solver: there epsilon and class_mass are
+    # already traced by _dsink_loss's jit and their values cannot be checked.
+    _validate_options(shape[1], class_mass, epsilon, num_iters, backend)
+    if jnp.shape(alpha) != ():
+        raise ValueError(f"alpha has shape {jnp.shape(alpha)}; expected a scalar.")
+    if _is_concrete(alpha):
+        alpha_value = float(np.asarray(alpha))
+        if not (np.isfinite(alpha_value) and alpha_value >= 0):
+            raise ValueError(
+                f"alpha={alpha_value}; allowed range: finite and >= 0.")
+
+
+def dsink_loss(
+    student_logits: jax.Array,
+    noise_teacher_logits: jax.Array,
+    imbalance_teacher_logits: jax.Array | None,
+    labels: jax.Array | None,
+    *,
+    alpha: float | jax.Array,
+    epsilon: float | jax.Array = 2.0,
+    class_mass: jax.Array | None = None,
+    num_iters: int = 50,
+    backend: str = "native",
+    base_loss: str = "ce",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """D-SINK loss of one batch: mean of base + alpha * soft CE to Q.
+
+    Pure; works under ``jit``, ``grad``, ``vmap`` over ``alpha``/``epsilon`` and
+    with the batch sharded over devices (the batch reductions are ordinary
+    ``jnp`` reductions, which XLA partitions).
+
+    Args:
+      student_logits: [B, C] logits of the model being trained.
+      noise_teacher_logits: [B, C] logits of the noise-robust teacher ``f_N``
+        (gradient stopped).
+      imbalance_teacher_logits: [B, C] logits of the imbalance-robust teacher
+        ``f_L`` (gradient stopped), or None when ``class_mass`` is given.
+      labels: [B] int observed (possibly noisy) labels for the base CE; may be
+        None with ``base_loss="none"``.
+      alpha: weight (>= 0) of the D-SINK term; may be traced.
+      epsilon: entropic regularisation (> 0; the paper's 2.0); may be traced.
+      class_mass: None ("batch" mode: mean of ``softmax(imbalance_teacher_logits)``
+        over the batch) or a [C] distribution used as is ("global" mode, see
+        :func:`global_class_mass`).
+      num_iters: Sinkhorn iterations (static int >= 1).
+      backend: "native" or "ott", see :func:`sinkhorn_allocation`.
+      base_loss: "ce" (cross-entropy on ``labels``) or "none" (D-SINK term
+        only).
+
+    Returns:
+      ``(loss, aux)``: ``loss`` [] the batch mean of ``aux["per_example"]``;
+      ``aux`` holds
+        "base" [B] per-example base loss (zeros for "none"),
+        "distill" [B] per-example soft-label CE to Q,
+        "per_example" [B] base + alpha * distill,
+        "allocation" [B, C] Q (rows sum to 1),
+        "class_mass" [C] the class mass used,
+        "marginal_error" [] max class-marginal violation relative to B,
+        "allocation_entropy" [] mean row entropy of Q (nats),
+        "finite" [] bool, whether loss and Q are all finite (under jit
+          non-finite inputs cannot raise; check this flag instead).
+
+    Raises:
+      ValueError, TypeError: on bad shapes, options or (concrete) values.
+    """
+    _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
+              labels, alpha, epsilon, class_mass, num_iters, backend, base_loss)
+    return _dsink_loss(student_logits, noise_teacher_logits,
+                       imbalance_teacher_logits, labels, alpha, epsilon,
+                       class_mass, num_iters=num_iters, backend=backend,
+                       base_loss=base_loss)
+
+
+# Jitted so that eager calls (tests, notebooks) compile once per shape rather
+# than dispatching op by op; inlined under an outer jit. None arguments are
+# empty pytrees, so batch/global mode and labels=None each trace separately.
+@functools.partial(jax.jit,
+                   static_argnames=("num_iters", "backend", "base_loss"))
+def _dsink_loss(student_logits, noise_teacher_logits,
+                imbalance_teacher_logits, labels, alpha, epsilon, class_mass,
+                *, num_iters, backend, base_loss):
+    """The computation of :func:`dsink_loss`, on validated inputs."""
+    student_logits = jnp.asarray(student_logits).astype(jnp.float32)
+    noise_log_probs = jax.nn.log_softmax(
+        jax.lax.stop_gradient(jnp.asarray(noise_teacher_logits, jnp.float32)))
+    if class_mass is None:
+        imbalance_probs = jax.nn.softmax(jax.lax.stop_gradient(
+            jnp.asarray(imbalance_teacher_logits, jnp.float32)))
+        class_mass = jnp.mean(imbalance_probs, axis=0)
+    else:
+        class_mass = jax.lax.stop_gradient(jnp.asarray(class_mass, jnp.float32))
+    student_log_probs = jax.nn.log_softmax(student_logits)
+
+    allocation, info = sinkhorn_allocation(
+        noise_log_probs, student_log_probs, class_mass, epsilon=epsilon,
+        num_iters=num_iters, backend=backend, return_info=True)
+    # Already stopped inside the solver; restated because the bi-level scheme
+    # depends on Q being a constant target.
+    allocation = jax.lax.stop_gradient(allocation)
+
+    distill = optax.losses.softmax_cross_entropy(student_logits, allocation)
+    if base_loss == "ce":
+        base = optax.losses.softmax_cross_entropy_with_integer_labels(
+            student_logits, jnp.asarray(labels))
+    else:
+        base = jnp.zeros_like(distill)
+    per_example = base + jnp.asarray(alpha, jnp.float32) * distill
+    loss = jnp.mean(per_example)
+    aux = {
+        "base": base,
+        "distill": distill,
+        "per_example": per_example,
+        "allocation": allocation,
+        "class_mass": class_mass,
+        "marginal_error": info.column_error,
+        "allocation_entropy": jnp.mean(
+            jnp.sum(jax.scipy.special.entr(allocation), axis=-1)),
+        "finite": jnp.logical_and(jnp.all(jnp.isfinite(per_example)),
+                                  jnp.all(jnp.isfinite(allocation))),
+    }
+    return loss, aux

@@ -1,0 +1,287 @@
+"""D-SINK surrogate-label allocation by entropic optimal transport (Sinkhorn).
+
+The D-SINK inner problem (METHOD.md section 1) is, for a batch of ``B`` samples
+and ``C`` classes,
+
+  min_Q  sum_ic Q_ic P_ic + epsilon * sum_ic Q_ic (log Q_ic - 1)
+  s.t.   sum_c Q_ic = 1            (each sample's label is a distribution),
+         sum_i Q_ic = B * m_c      (class mass ``m`` from the imbalance teacher),
+
+with cost ``P_ic = -log f_N(x_i)_c - log f(x_i)_c``. It is entropic OT between
+``a = 1_B / B`` and ``b = m``, scaled by ``B``. Its solution has the closed
+form
+
+  q_i = softmax((z^N_i + z_i) / epsilon + g),
+
+``z`` the log-probabilities and ``g`` in R^C the class potential that makes the
+column sums match; for the paper's ``epsilon = 2`` it is the geometric mean
+``sqrt(f_N f)`` shifted per class. Sinkhorn finds ``g``.
+
+Two interchangeable backends:
+
+* ``"native"``: log-domain Sinkhorn in ``lax.scan``, exactly ``num_iters``
+  (column update, row update) pairs, starting from zero potentials.
+* ``"ott"``: ``ott-jax``'s :class:`~ott.solvers.linear.sinkhorn.Sinkhorn` on a
+  :class:`~ott.geometry.geometry.Geometry` with absolute ``epsilon``. ott's
+  iteration is the same pair (``g`` then ``f``) from the same zero start, so
+  with ``min_iterations == max_iterations == inner_iterations == num_iters``
+  both backends perform identical updates and agree to float32 rounding.
+
+Both end with the row update, so rows of ``Q`` sum to one (to rounding) and the
+residual error sits in the column marginal, which
+:class:`SinkhornInfo` reports.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["SinkhornInfo", "sinkhorn_allocation", "BACKENDS"]
+
+BACKENDS = ("native", "ott")
+
+# Tolerance on ``sum(class_mass) == 1`` for concrete inputs: float32 means of
+# softmax outputs over a large dataset drift by ~1e-6, far below this.
+_MASS_SUM_TOL = 1e-4
+
+
+class SinkhornInfo(NamedTuple):
+    """Diagnostics of one allocation solve.
+
+    Attributes:
+      row_error: [] max_i |sum_c Q_ic - 1| (rounding-level by construction).
+      column_error: [] max_c |sum_i Q_ic - B m_c| / B, the class-marginal
+        violation relative to the batch size (the convergence measure).
+      potential: [C] class potential ``g`` in logit units (cost / epsilon),
+        mean-centred over classes with positive mass; ``-inf`` for classes with
+        zero mass. ``Q_i = softmax((z^N_i + z_i) / epsilon + g)``.
+    """
+
+    row_error: jax.Array
+    column_error: jax.Array
+    potential: jax.Array
+
+
+def _is_concrete(x) -> bool:
+    """Whether ``x`` holds a value now (not a tracer under jit/vmap/grad).
+
+    Value checks (finite, nonnegative, sums to one) can only run on concrete
+    inputs; traced inputs get the static (shape/dtype) checks only.
+    """
+    try:
+        np.asarray(x)
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError):
+        return False
+    return True
+
+
+def _validate_options(num_classes, class_mass, epsilon, num_iters, backend):
+    """Checks the solver options; shared with callers that jit the solve.
+
+    Args:
+      num_classes: C.
+      class_mass: [C] or None (None: computed later by the caller).
+      epsilon, num_iters, backend: as in :func:`sinkhorn_allocation`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed values: {BACKENDS}.")
+    if (isinstance(num_iters, bool)
+        or not isinstance(num_iters, (int, np.integer))):
+        raise TypeError(
+            f"num_iters={num_iters!r} must be a Python int >= 1 (it fixes the "
+            "number of Sinkhorn iterations at trace time).")
+    if num_iters < 1:
+        raise ValueError(f"num_iters={num_iters}; allowed range: >= 1.")
+    if jnp.shape(epsilon) != ():
+        raise ValueError(
+            f"epsilon has shape {jnp.shape(epsilon)}; expected a scalar.")
+    if _is_concrete(epsilon):
+        eps_value = float(np.asarray(epsilon))
+        if not (np.isfinite(eps_value) and eps_value > 0):
+            raise ValueError(
+                f"epsilon={eps_value}; allowed range: finite and > 0 (the paper "
+                "uses 2.0).")
+    if class_mass is None:
+        return
+    if jnp.shape(class_mass) != (num_classes,):
+        raise ValueError(
+            f"class_mass has shape {jnp.shape(class_mass)}; expected "
+            f"({num_classes},) (one mass per class).")
+    if _is_concrete(class_mass):
+        mass = np.asarray(class_mass, dtype=np.float64)
+        if not np.all(np.isfinite(mass)) or np.any(mass < 0):
+            raise ValueError(
+                f"class_mass={mass} must be finite and nonnegative (a "
+                "distribution over classes).")
+        if abs(mass.sum() - 1.0) > _MASS_SUM_TOL:
+            raise ValueError(
+                f"class_mass sums to {mass.sum():.6g}; it must sum to 1 (tolerance "
+                f"{_MASS_SUM_TOL}).")
+
+
+def _validate(noise_log_probs, student_log_probs, class_mass, epsilon,
+              num_iters, backend):
+    """Raises ValueError/TypeError on bad input; runs at trace time."""
+    noise_shape = jnp.shape(noise_log_probs)
+    student_shape = jnp.shape(student_log_probs)
+    if len(noise_shape) != 2:
+        raise ValueError(
+            f"noise_log_probs has shape {noise_shape}; expected [B, C].")
+    if student_shape != noise_shape:
+        raise ValueError(
+            f"student_log_probs has shape {student_shape}; expected the shape of "
+            f"noise_log_probs, {noise_shape}.")
+    if noise_shape[0] < 1 or noise_shape[1] < 1:
+        raise ValueError(f"empty problem: shape {noise_shape}; need B, C >= 1.")
+    _validate_options(noise_shape[1], class_mass, epsilon, num_iters, backend)
+    for name, value in (("noise_log_probs", noise_log_probs),
+                        ("student_log_probs", student_log_probs)):
+        if _is_concrete(value):
+            array = np.asarray(value)
+            if not np.all(np.isfinite(array)):
+                bad = np.argwhere(~np.isfinite(array))[0]
+                raise ValueError(
+                    f"{name} has a non-finite entry {array[tuple(bad)]} at index "
+                    f"{tuple(int(i) for i in bad)}; log-probabilities must be finite "
+                    "(pass log_softmax of finite logits).")
+
+
+def _native_log_plan(scores, log_column_target, num_iters):
+    """Log-domain Sinkhorn; returns (log Q [B, C], potential g [C])."""
+    batch_size, num_classes = scores.shape
+
+    def one_iteration(carry, _):
+        row_potential, _ = carry
+        # Column update first, row update last (as ott-jax does), so the returned
+        # rows are exactly normalised.
+        class_potential = log_column_target - jax.nn.logsumexp(
+            scores + row_potential[:, None], axis=0)
+        row_potential = -jax.nn.logsumexp(scores + class_potential[None, :],
+                                          axis=1)
+        return (row_potential, class_potential), None
+
+    init = (jnp.zeros((batch_size,), scores.dtype),
+            jnp.zeros((num_classes,), scores.dtype))
+    (row_potential, class_potential), _ = jax.lax.scan(
+        one_iteration, init, None, length=num_iters)
+    log_plan = scores + row_potential[:, None] + class_potential[None, :]
+    return log_plan, class_potential
+
+
+def _ott_plan(cost, class_mass, epsilon, num_iters):
+    """ott-jax Sinkhorn; returns (Q [B, C], potential g [C] in logit units)."""
+    # Imported here: ott pulls in jaxopt/lineax (seconds of import time) and
+    # only this backend needs it.
+    from ott.geometry import geometry
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import sinkhorn as ott_sinkhorn
+
+    batch_size = cost.shape[0]
+    # epsilon is absolute: ott's default (None) would scale it by the cost's
+    # standard deviation, which is not the D-SINK problem.
+    geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
+    problem = linear_problem.LinearProblem(
+        geom, a=jnp.full((batch_size,), 1.0 / batch_size, cost.dtype),
+        b=class_mass)
+    # min == max forces ott's fixed-length scan (no while_loop, fast under
+    # vmap); inner_iterations == num_iters makes the scan length exactly
+    # num_iters (ott runs (max // inner) * inner iterations). threshold is then
+    # unused.
+    solver = ott_sinkhorn.Sinkhorn(
+        lse_mode=True, threshold=0.0, inner_iterations=num_iters,
+        min_iterations=num_iters, max_iterations=num_iters)
+    out = solver(problem)
+    # ott's plan has marginals (1/B, m); its last update is the row (f) one.
+    return out.matrix * batch_size, out.g / epsilon
+
+
+def sinkhorn_allocation(
+    noise_log_probs: jax.Array,
+    student_log_probs: jax.Array,
+    class_mass: jax.Array,
+    *,
+    epsilon: float | jax.Array = 2.0,
+    num_iters: int = 50,
+    backend: str = "native",
+    return_info: bool = False,
+) -> jax.Array | tuple[jax.Array, SinkhornInfo]:
+    """D-SINK surrogate labels: entropic OT between samples and class mass.
+
+    Solves the problem in the module docstring with cost
+    ``P = -(noise_log_probs + student_log_probs)``. The result is a target:
+    all inputs are wrapped in ``stop_gradient``.
+
+    Args:
+      noise_log_probs: [B, C] log-probabilities of the noise-robust teacher
+        ``f_N`` (``log_softmax`` of its logits).
+      student_log_probs: [B, C] log-probabilities of the target model ``f``.
+      class_mass: [C] class distribution (nonnegative, sums to 1), e.g. the mean
+        of the imbalance-robust teacher's probabilities.
+      epsilon: entropic regularisation (> 0); 2.0 is the paper's value. May be a
+        traced scalar (e.g. vmapped over for a sweep); then its value is not
+        checked.
+      num_iters: exact number of Sinkhorn iterations (static, >= 1).
+      backend: "native" (``lax.scan``) or "ott" (ott-jax).
+      return_info: also return a :class:`SinkhornInfo`.
+
+    Returns:
+      Q: [B, C] float32, rows summing to 1 and columns to ``B * class_mass``
+        (up to ``info.column_error * B`` after ``num_iters`` iterations); or
+        ``(Q, info)`` when ``return_info``.
+
+    Raises:
+      ValueError, TypeError: on bad shapes, options or (concrete) values, before
+        any computation. Under tracing, non-finite inputs cannot be detected
+        here; they propagate as NaN into Q (the loss exposes ``finite``).
+    """
+    _validate(noise_log_probs, student_log_probs, class_mass, epsilon,
+              num_iters, backend)
+    return _solve(noise_log_probs, student_log_probs, class_mass, epsilon,
+                  num_iters=num_iters, backend=backend, return_info=return_info)
+
+
+# Jitted so that eager calls compile once per shape instead of dispatching op
+# by op (and re-tracing ott's solver) on every call; under an outer jit it is
+# inlined. epsilon is an argument, not static, so new values do not recompile.
+@functools.partial(jax.jit,
+                   static_argnames=("num_iters", "backend", "return_info"))
+def _solve(noise_log_probs, student_log_probs, class_mass, epsilon, *,
+           num_iters, backend, return_info):
+    """The computation of :func:`sinkhorn_allocation`, on validated inputs."""
+    # Targets only: no gradient through the solver. float32 throughout, even
+    # for bfloat16 inputs, since the potentials accumulate over iterations.
+    noise_log_probs, student_log_probs, class_mass, epsilon = (
+        jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+        for x in (noise_log_probs, student_log_probs, class_mass, epsilon))
+    batch_size = noise_log_probs.shape[0]
+    cost = -(noise_log_probs + student_log_probs)
+
+    # Full float32 precision on accelerators (TPU matmuls default to bfloat16
+    # passes); the native solver has no matmul, ott's kernels may.
+    with jax.default_matmul_precision("float32"):
+        if backend == "native":
+            # log(0) = -inf is fine: that class's column is then exactly zero.
+            log_column_target = jnp.log(batch_size * class_mass)
+            log_plan, potential = _native_log_plan(cost / -epsilon,
+                                                   log_column_target, num_iters)
+            plan = jnp.exp(log_plan)
+        else:
+            plan, potential = _ott_plan(cost, class_mass, epsilon, num_iters)
+
+    if not return_info:
+        return plan
+    has_mass = class_mass > 0
+    # Centre over classes that carry mass: zero-mass classes have g = -inf.
+    centre = (jnp.sum(jnp.where(has_mass, potential, 0.0))
+              / jnp.maximum(jnp.sum(has_mass), 1))
+    info = SinkhornInfo(
+        row_error=jnp.max(jnp.abs(jnp.sum(plan, axis=1) - 1.0)),
+        column_error=jnp.max(
+            jnp.abs(jnp.sum(plan, axis=0) - batch_size * class_mass))
+        / batch_size,
+        potential=jnp.where(has_mass, potential - centre, -jnp.inf),
+    )
+    return plan, info

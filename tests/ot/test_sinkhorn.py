@@ -1,0 +1,311 @@
+"""Tests of the D-SINK Sinkhorn allocation against closed forms and oracles."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ot as pot
+import pytest
+import scipy.optimize
+import scipy.special
+
+from dsink_jax.ot.sinkhorn import SinkhornInfo, sinkhorn_allocation
+
+BACKENDS = ("native", "ott")
+
+
+def _problem(seed, batch_size=12, num_classes=4, scale=2.0):
+    """Random log-probabilities of f_N and f, and a class mass."""
+    k_noise, k_student, k_mass = jax.random.split(jax.random.key(seed), 3)
+    noise = jax.nn.log_softmax(
+        scale * jax.random.normal(k_noise, (batch_size, num_classes)))
+    student = jax.nn.log_softmax(
+        scale * jax.random.normal(k_student, (batch_size, num_classes)))
+    mass = jax.nn.softmax(jax.random.normal(k_mass, (num_classes,)))
+    return noise, student, mass
+
+
+def _dual_oracle(noise, student, mass, epsilon):
+    """Q from minimising the convex dual over g with Newton steps in float64.
+
+    The row constraint is eliminated in closed form (q_i = softmax(S_i + g)),
+    leaving F(g) = sum_i logsumexp(S_i + g) - B <m, g> (+ a penalty on mean(g),
+    which F does not see), whose gradient is the column-marginal violation.
+    """
+    scores = (np.asarray(noise, np.float64) + np.asarray(student, np.float64))
+    scores /= epsilon
+    mass = np.asarray(mass, np.float64)
+    batch_size, num_classes = scores.shape
+
+    def objective(g):
+        value = scipy.special.logsumexp(scores + g, axis=1).sum()
+        return value - batch_size * mass @ g + 0.5 * g.mean() ** 2
+
+    def gradient(g):
+        probs = scipy.special.softmax(scores + g, axis=1)
+        return probs.sum(0) - batch_size * mass + g.mean() / num_classes
+
+    def hessian(g):
+        probs = scipy.special.softmax(scores + g, axis=1)
+        return (np.diag(probs.sum(0)) - probs.T @ probs
+                + np.full((num_classes, num_classes), 1 / num_classes ** 2))
+
+    result = scipy.optimize.minimize(
+        objective, np.zeros(num_classes), jac=gradient, hess=hessian,
+        method="trust-exact", options={"gtol": 1e-12})
+    # Column sums within 1e-6 of B m: the float64 floor of this objective.
+    assert np.max(np.abs(gradient(result.x))) < 1e-6, result.message
+    return scipy.special.softmax(scores + result.x, axis=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_marginals_after_convergence(backend):
+    noise, student, mass = _problem(0)
+    q, info = sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                  backend=backend, return_info=True)
+    chex.assert_shape(q, (12, 4))
+    assert q.dtype == jnp.float32
+    assert isinstance(info, SinkhornInfo)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(q.sum(axis=0), 12 * mass, atol=1e-4)
+    assert np.all(np.asarray(q) >= 0)
+    # The reported errors are the measured ones.
+    np.testing.assert_allclose(
+        info.column_error, np.max(np.abs(q.sum(0) - 12 * mass)) / 12, atol=1e-7)
+    np.testing.assert_allclose(
+        info.row_error, np.max(np.abs(q.sum(1) - 1)), atol=1e-7)
+    assert info.column_error < 1e-5
+
+
+def test_column_error_reports_non_convergence():
+    # One iteration on a peaked problem leaves a visible class-mass violation;
+    # the info must say so (it is the only marginal that carries the residual).
+    noise, student, mass = _problem(1, scale=4.0)
+    q, info = sinkhorn_allocation(noise, student, mass, num_iters=1,
+                                  return_info=True)
+    measured = np.max(np.abs(np.asarray(q).sum(0) - 12 * np.asarray(mass))) / 12
+    assert measured > 1e-3
+    np.testing.assert_allclose(info.column_error, measured, rtol=1e-5)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_one_iteration_by_hand():
+    # native = exactly num_iters (column, row) updates from zero potentials:
+    # after one, Q = row_normalise(K * B m / colsum(K)), K = exp(-P / eps).
+    noise, student, mass = _problem(2)
+    epsilon = 1.5
+    kernel = np.exp((np.asarray(noise, np.float64) + np.asarray(student)) /
+                    epsilon)
+    scaled = kernel * 12 * np.asarray(mass) / kernel.sum(0)
+    expected = scaled / scaled.sum(1, keepdims=True)
+    for backend in BACKENDS:
+        q, _ = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
+                                   num_iters=1, backend=backend, return_info=True)
+        np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 2.0, 5.0])
+def test_closed_form_softmax_with_class_potential(epsilon):
+    # METHOD.md: q_i = softmax((z^N_i + z_i) / epsilon + g); at epsilon = 2 it is
+    # softmax(z^N/2 + z/2 + g), the class-shifted geometric mean.
+    noise, student, mass = _problem(3)
+    q, info = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
+                                  num_iters=300, return_info=True)
+    expected = jax.nn.softmax((noise + student) / epsilon + info.potential)
+    np.testing.assert_allclose(q, expected, atol=2e-6)
+    np.testing.assert_allclose(jnp.mean(info.potential), 0.0, atol=1e-5)
+    # g is the unique (up to a constant) potential: the dual oracle's Q matches.
+    np.testing.assert_allclose(q, _dual_oracle(noise, student, mass, epsilon),
+                               atol=1e-5)
+
+
+def test_geometric_mean_when_class_mass_already_matches():
+    # If m equals the batch mean of softmax((z^N + z)/2), no shift is needed:
+    # g = 0 and Q = softmax(z^N/2 + z/2), i.e. row-normalised sqrt(f_N * f).
+    noise, student, _ = _problem(4)
+    geometric = np.sqrt(np.exp(np.asarray(noise, np.float64) +
+                               np.asarray(student)))
+    geometric /= geometric.sum(1, keepdims=True)
+    mass = geometric.mean(0)
+    q, info = sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                  return_info=True)
+    np.testing.assert_allclose(q, geometric, atol=1e-6)
+    np.testing.assert_allclose(info.potential, 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 2.0])
+def test_pot_oracle(epsilon):
+    noise, student, mass = _problem(5)
+    cost = -(np.asarray(noise, np.float64) + np.asarray(student, np.float64))
+    plan = pot.sinkhorn(np.full(12, 1 / 12), np.asarray(mass, np.float64), cost,
+                        reg=epsilon, numItermax=5000, stopThr=1e-10, warn=False)
+    for backend in BACKENDS:
+        q, _ = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
+                                   num_iters=300, backend=backend,
+                                   return_info=True)
+        np.testing.assert_allclose(q, 12 * plan, atol=1e-5)
+
+
+def test_constrained_primal_optimiser_oracle():
+    # The D-SINK inner problem as stated: min sum_i KL(q_i||f_N) + KL(q_i||f)
+    # s.t. rows sum to 1 and columns to B m, solved by SLSQP on a 6x3 problem.
+    noise, student, mass = _problem(6, batch_size=6, num_classes=3, scale=1.0)
+    log_noise = np.asarray(noise, np.float64)
+    log_student = np.asarray(student, np.float64)
+    mass = np.asarray(mass, np.float64)
+
+    def objective(flat):
+        q = np.clip(flat.reshape(6, 3), 1e-300, None)
+        value = np.sum(q * (2 * np.log(q) - log_noise - log_student))
+        grad = 2 * np.log(q) + 2 - log_noise - log_student
+        return value, grad.ravel()
+
+    constraints = [
+        {"type": "eq", "fun": lambda x: x.reshape(6, 3).sum(1) - 1.0},
+        {"type": "eq", "fun": lambda x: x.reshape(6, 3).sum(0)[:-1]
+                                        - 6 * mass[:-1]},
+    ]
+    result = scipy.optimize.minimize(
+        objective, np.tile(mass, 6), jac=True, method="SLSQP",
+        bounds=[(1e-12, 1.0)] * 18, constraints=constraints,
+        options={"ftol": 1e-14, "maxiter": 1000})
+    assert result.success, result.message
+    q, _ = sinkhorn_allocation(noise, student, mass, epsilon=2.0, num_iters=300,
+                               return_info=True)
+    np.testing.assert_allclose(q, result.x.reshape(6, 3), atol=1e-4)
+
+
+@pytest.mark.parametrize("num_iters", [1, 300])
+def test_backends_agree_at_every_iteration_count(num_iters):
+    noise, student, mass = _problem(7)
+    q_native, info_native = sinkhorn_allocation(
+        noise, student, mass, epsilon=0.7, num_iters=num_iters, return_info=True)
+    q_ott, info_ott = sinkhorn_allocation(
+        noise, student, mass, epsilon=0.7, num_iters=num_iters, backend="ott",
+        return_info=True)
+    np.testing.assert_allclose(q_native, q_ott, atol=1e-5)
+    np.testing.assert_allclose(info_native.potential, info_ott.potential,
+                               atol=1e-4)
+    np.testing.assert_allclose(info_native.column_error, info_ott.column_error,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_mass_class_gets_empty_column(backend):
+    noise, student, _ = _problem(8)
+    mass = jnp.array([0.5, 0.0, 0.25, 0.25])
+    q, info = sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                  backend=backend, return_info=True)
+    assert np.all(np.isfinite(q))
+    np.testing.assert_allclose(q[:, 1], 0.0, atol=1e-7)
+    np.testing.assert_allclose(q.sum(0), 12 * mass, atol=1e-4)
+    assert info.potential[1] == -np.inf
+    potential = np.asarray(info.potential)[[0, 2, 3]]
+    np.testing.assert_allclose(potential.sum(), 0.0, atol=1e-5)
+
+
+def test_no_gradient_flows_through_allocation():
+    noise, student, mass = _problem(9)
+    weights = jax.random.normal(jax.random.key(1), noise.shape)
+
+    def probe(noise, student, mass, epsilon):
+        return jnp.sum(weights * sinkhorn_allocation(noise, student, mass,
+                                                     epsilon=epsilon, num_iters=5))
+
+    grads = jax.grad(probe, argnums=(0, 1, 2, 3))(noise, student, mass, 2.0)
+    for grad in grads:
+        np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_bfloat16_inputs_give_float32():
+    noise, student, mass = _problem(10)
+    q = sinkhorn_allocation(noise.astype(jnp.bfloat16),
+                            student.astype(jnp.bfloat16), mass, num_iters=20)
+    assert q.dtype == jnp.float32
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_matches_eager_without_retracing(backend):
+    chex.clear_trace_counter()  # the counter is shared across parametrisations
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def solve(noise, student, mass):
+        return sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                   backend=backend)
+
+    for seed in range(3):
+        noise, student, mass = _problem(20 + seed)
+        np.testing.assert_allclose(
+            solve(noise, student, mass),
+            sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                backend=backend, return_info=True)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_over_epsilon_equals_loop(backend):
+    noise, student, mass = _problem(11)
+    epsilons = jnp.array([0.5, 1.0, 2.0, 4.0])
+    batched, info = jax.vmap(
+        lambda eps: sinkhorn_allocation(noise, student, mass, epsilon=eps,
+                                        num_iters=300, backend=backend,
+                                        return_info=True))(epsilons)
+    chex.assert_shape(batched, (4, 12, 4))
+    chex.assert_shape(info.potential, (4, 4))
+    for k, eps in enumerate([0.5, 1.0, 2.0, 4.0]):
+        np.testing.assert_allclose(
+            batched[k],
+            sinkhorn_allocation(noise, student, mass, epsilon=eps, num_iters=300,
+                                backend=backend, return_info=True)[0], atol=1e-6)
+    # Different epsilons give different allocations (the sweep is not a no-op).
+    assert np.max(np.abs(batched[0] - batched[3])) > 1e-2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"epsilon": 0.0}, ValueError, r"epsilon=0.0.*> 0"),
+        ({"epsilon": -1.0}, ValueError, r"epsilon=-1.0"),
+        ({"epsilon": float("nan")}, ValueError, r"epsilon=nan"),
+        ({"epsilon": jnp.ones(2)}, ValueError, r"epsilon has shape \(2,\)"),
+        ({"num_iters": 0}, ValueError, r"num_iters=0.*>= 1"),
+        ({"num_iters": 2.5}, TypeError, r"num_iters=2.5"),
+        ({"num_iters": True}, TypeError, r"num_iters=True"),
+        ({"backend": "pot"}, ValueError, r"backend='pot'.*native.*ott"),
+    ],
+)
+def test_bad_options_raise(kwargs, error, match):
+    noise, student, mass = _problem(12)
+    with pytest.raises(error, match=match):
+        sinkhorn_allocation(noise, student, mass, **kwargs)
+
+
+def test_bad_arrays_raise():
+    noise, student, mass = _problem(13)
+    with pytest.raises(ValueError, match=r"student_log_probs has shape \(12, 3\)"):
+        sinkhorn_allocation(noise, student[:, :3], mass)
+    with pytest.raises(ValueError, match=r"noise_log_probs has shape \(12,\)"):
+        sinkhorn_allocation(noise[:, 0], student[:, 0], mass)
+    with pytest.raises(ValueError, match=r"class_mass has shape \(3,\).*\(4,\)"):
+        sinkhorn_allocation(noise, student, mass[:3])
+    with pytest.raises(ValueError, match=r"class_mass sums to 2"):
+        sinkhorn_allocation(noise, student, 2 * mass)
+    with pytest.raises(ValueError, match=r"nonnegative"):
+        sinkhorn_allocation(noise, student, jnp.array([1.5, -0.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"noise_log_probs has a non-finite "
+                                         r"entry nan at index \(2, 1\)"):
+        sinkhorn_allocation(noise.at[2, 1].set(jnp.nan), student, mass)
+    with pytest.raises(ValueError, match=r"student_log_probs has a non-finite "
+                                         r"entry -inf"):
+        sinkhorn_allocation(noise, student.at[0, 0].set(-jnp.inf), mass)
+
+
+def test_static_checks_run_under_jit():
+    # Shapes and options are checked at trace time, even for traced arrays.
+    noise, student, mass = _problem(14)
+    with pytest.raises(ValueError, match=r"class_mass has shape"):
+        jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m))(noise, student,
+                                                               mass[:2])
+    with pytest.raises(ValueError, match=r"epsilon=-2.0"):
+        jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m, epsilon=-2.0))(
+            noise, student, mass)
