@@ -303,6 +303,8 @@ def build_dsink_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         c.dsink.backend = "native"  # "native" (lax.scan) or "ott" (ott-jax Sinkhorn)
         c.dsink.class_mass = args["class_mass"]  # (ours) "batch" or "global"
         c.dsink.base_loss = "ce"  # (ours) L_base on the given labels; "none" to drop it
+        # (ours, not in the paper) train the student on logits + tau * log prior; 0 = off.
+        c.dsink.student_logit_adjustment = 0.0
     return c
 
 

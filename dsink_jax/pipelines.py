@@ -235,7 +235,8 @@ def train_teachers(config, workdir: str, training_set) -> dict:
                                           config.eval_batch_size)
         class_mass = np.asarray(global_class_mass(logits))
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
-                                     steps_per_epoch=steps_per_epoch, class_mass=class_mass)
+                                     steps_per_epoch=steps_per_epoch, class_mass=class_mass,
+                                     class_counts=training_set.noisy_class_counts)
     return {"rows": rows, "curves": curves, "objective": objective,
             "teacher_models": (noise_model, imbalance_model),
             "teacher_variables": (noise_vars, imbalance_vars),

@@ -138,7 +138,8 @@ CLASS_MASS_MODES = ("batch", "global")
 
 
 def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_epoch: int,
-                         class_mass: np.ndarray | None = None) -> Objective:
+                         class_mass: np.ndarray | None = None,
+                         class_counts: np.ndarray | None = None) -> Objective:
     """The D-SINK student objective: base CE + alpha * soft CE to the Sinkhorn allocation.
 
     The teachers' logits arrive as `teacher_logits = (noise_teacher, imbalance_teacher)`. alpha
@@ -154,6 +155,10 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
       steps_per_epoch: for the alpha warm-up.
       class_mass: None for the "batch" mode (f_L's mean probability over the batch), or the
         [C] "global" class mass (f_L's mean over the training set, computed once).
+      class_counts: int [C] given-label counts, needed when `options.student_logit_adjustment`
+        (tau, ours, 0 = off) is set: the student's logits enter the loss (both terms and the
+        allocation cost) as `logits + tau * log prior`, as in the logit-adjusted loss, so its raw
+        logits used at test time are balanced.
     """
     from dsink_jax.dsink import dsink_loss  # the loss knows nothing of training
 
@@ -161,9 +166,15 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     mass = None if class_mass is None else jnp.asarray(class_mass, jnp.float32)
     warmup_steps = float(options.alpha_warmup_epochs) * steps_per_epoch
     num_iters, backend, base = int(options.num_iters), str(options.backend), str(options.base_loss)
+    tau = float(options.student_logit_adjustment)
+    if tau and class_counts is None:
+        raise ValueError("student_logit_adjustment needs class_counts")
+    shift = (tau * jnp.log(jnp.asarray(np.maximum(class_counts, 1) / np.maximum(class_counts, 1).sum(),
+                                       jnp.float32)) if tau else 0.0)
 
     def fn(logits, labels, *, indices, extra, step, teacher_logits):
         noise_logits, imbalance_logits = teacher_logits
+        logits = logits + shift
         hp = extra.get("hparams", {})
         alpha = hp.get("alpha", float(options.alpha))
         epsilon = hp.get("epsilon", float(options.epsilon))

@@ -1,0 +1,93 @@
+"""End-to-end pipelines on the bundled digits (smoke preset): D-SINK table, plots, reuse, sweep."""
+
+import json
+import os
+
+import pytest
+
+from dsink_jax import configs, pipelines, sweep
+
+
+def dsink_smoke_config(**overrides):
+    args = dict(configs.DSINK_ARGS, preset="smoke", noise="sym", noise_rate=0.3)
+    args.update(overrides)
+    config = configs.build_dsink_config(args)
+    config.progress = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def dsink_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("dsink"))
+    summary = pipelines.run(dsink_smoke_config(), workdir)
+    return workdir, summary
+
+
+def test_dsink_pipeline_writes_table_plots_and_stages(dsink_run):
+    workdir, summary = dsink_run
+    names = [row["name"] for row in summary["stages"]]
+    assert names == ["baseline", "imbalance_teacher", "noise_teacher", "student"]
+    on_disk = json.loads(open(os.path.join(workdir, "results.json")).read())
+    student = on_disk["stages"][-1]
+    for key in ("test_accuracy", "many_shot_accuracy", "few_shot_accuracy", "correction_rate",
+                "allocation_accuracy", "allocation_correction"):
+        assert student[key] is not None, key
+    assert 0 <= student["allocation_accuracy"] <= 1
+    table = open(os.path.join(workdir, "results.md")).read()
+    assert "| student | dsink |" in table and "alloc. acc." in table
+    for png in ("per_class_accuracy.png", "correction_rate.png"):
+        with open(os.path.join(workdir, "plots", png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for stage in names:
+        assert os.path.exists(os.path.join(workdir, stage, "results.json"))
+        assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
+
+
+def test_teachers_are_not_checkpointed_with_the_student(dsink_run):
+    workdir, _ = dsink_run
+    student_ckpt = os.path.join(workdir, "student", "checkpoints")
+    latest = sorted(os.listdir(student_ckpt), key=lambda s: int(s) if s.isdigit() else -1)[-1]
+    text = " ".join(os.listdir(os.path.join(student_ckpt, latest)))
+    assert "teacher" not in text
+
+
+def test_finished_stages_are_reused(dsink_run, capsys):
+    workdir, first = dsink_run
+    again = pipelines.run(dsink_smoke_config(), workdir)
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished stage") == 4
+    assert [r["params_fingerprint"] for r in again["stages"]] == [
+        r["params_fingerprint"] for r in first["stages"]]
+
+
+def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
+    workdir, summary = dsink_run
+    config = dsink_smoke_config()
+    grid = sweep.parse_sweep([f"alpha=1,{config.dsink.alpha:g}"])
+    result = sweep.run_dsink_sweep(config, workdir, grid)
+    members = {m["alpha"]: m for m in result["members"]}
+    single = summary["stages"][-1]
+    same = members[config.dsink.alpha]
+    # The same student, trained inside the vmapped program: same predictions.
+    assert same["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+    assert same["per_class_accuracy"] == pytest.approx(single["per_class_accuracy"], abs=1e-9)
+    assert os.path.exists(os.path.join(workdir, "sweep", "summary.md"))
+    assert os.path.exists(os.path.join(workdir, "sweep", "alpha1", "results.json"))
+
+
+@pytest.mark.parametrize("spec,message", [
+    (["beta=1,2"], "cannot sweep 'beta'; allowed: alpha, epsilon"),
+    (["alpha=x"], "values must be numbers"),
+    (["alpha"], "not of the form"),
+])
+def test_bad_sweep_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.parse_sweep(spec)
+
+
+def test_bad_dsink_options_fail_before_training(tmp_path):
+    config = dsink_smoke_config()
+    config.dsink.epsilon = 0.0
+    with pytest.raises(configs.ConfigError, match="dsink.epsilon=0.0 must be > 0"):
+        pipelines.run(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
