@@ -325,3 +325,62 @@ def validate_dsink_config(config: ml_collections.ConfigDict) -> None:
     _require(d.class_mass in CLASS_MASS_MODES,
              f"dsink.class_mass={d.class_mass!r}; allowed: {', '.join(CLASS_MASS_MODES)}")
     _require(d.base_loss in ("ce", "none"), f"dsink.base_loss={d.base_loss!r}; allowed: ce, none")
+
+
+# --------------------------------------------------------------------------- OT-softmax family
+
+OT_SOFTMAX_ARGS: dict[str, Any] = {
+    **COMMON_ARGS,
+    "noise": "none",
+    "noise_rate": 0.0,
+    "inference": "raw",
+    "train_target": "prior",
+}
+
+
+def build_ot_softmax_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The `ot_softmax` family: CE, LA and Balanced Softmax references, then OT-dynamic softmax.
+
+    Every field of `config.ot_softmax` is our reconstruction (METHOD.md §2): the paper states the
+    power-diagram view, the dynamic OT softmax and SupCon, not these values.
+    """
+    c = build_config("ot_softmax", {k: args[k] for k in COMMON_ARGS})
+    with c.unlocked():
+        o = c.ot_softmax = ml_collections.ConfigDict()
+        o.references = ("ce", "la", "balanced_softmax")  # trained on the same data for the table
+        o.scale = 16.0  # cosine-classifier logit scale s
+        o.supcon_weight = 0.35  # BCL's default weight
+        o.temperature = 0.1  # SupCon temperature
+        o.projection_dim = 128
+        o.solve_every = 1  # re-solve the heights every k steps
+        o.solve_steps = 5  # warm-started dual steps per re-solve
+        o.num_samples = 1024  # Monte-Carlo points on the sphere per dual step
+        o.solver_learning_rate = 0.05  # Adam on the heights
+        o.entropic_epsilon = 0.0  # 0 = hard cells; > 0 = soft (entropic) cells
+        o.train_target = args["train_target"]  # nu during training: "prior" or "uniform"
+        o.inference = args["inference"]  # "raw" (s cos) or "balanced" (s cos + h for uniform nu)
+    return c
+
+
+def validate_ot_softmax_config(config: ml_collections.ConfigDict) -> None:
+    from dsink_jax.train.objectives import LOSS_NAMES
+
+    o = config.ot_softmax
+    for loss in o.references:
+        _require(loss in LOSS_NAMES,
+                 f"ot_softmax.references has {loss!r}; allowed: {', '.join(LOSS_NAMES)}")
+    _require(o.scale > 0, f"ot_softmax.scale={o.scale} must be > 0")
+    _require(o.temperature > 0, f"ot_softmax.temperature={o.temperature} must be > 0")
+    _require(o.supcon_weight >= 0, f"ot_softmax.supcon_weight={o.supcon_weight} must be >= 0")
+    _require(o.projection_dim >= 1, f"ot_softmax.projection_dim={o.projection_dim} must be >= 1")
+    _require(o.solve_every >= 1, f"ot_softmax.solve_every={o.solve_every} must be >= 1")
+    _require(o.solve_steps >= 1, f"ot_softmax.solve_steps={o.solve_steps} must be >= 1")
+    _require(o.num_samples >= 1, f"ot_softmax.num_samples={o.num_samples} must be >= 1")
+    _require(o.solver_learning_rate > 0,
+             f"ot_softmax.solver_learning_rate={o.solver_learning_rate} must be > 0")
+    _require(o.entropic_epsilon >= 0,
+             f"ot_softmax.entropic_epsilon={o.entropic_epsilon} must be >= 0")
+    _require(o.train_target in ("prior", "uniform"),
+             f"ot_softmax.train_target={o.train_target!r}; allowed: prior, uniform")
+    _require(o.inference in ("raw", "balanced"),
+             f"ot_softmax.inference={o.inference!r}; allowed: raw, balanced")

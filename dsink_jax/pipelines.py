@@ -6,6 +6,7 @@ importable so a notebook or a test runs exactly what the command line runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -293,7 +294,54 @@ def run_dsink(config, workdir: str) -> dict:
     return {"stages": rows}
 
 
-PIPELINES = {"baseline": run_baseline, "dsink": run_dsink}
+# --------------------------------------------------------------------------- OT-dynamic softmax
+
+def run_ot_softmax(config, workdir: str) -> dict:
+    """The `ot_softmax` family: reference losses (CE, LA, Balanced Softmax), then the
+    OT-dynamic softmax model with SupCon (METHOD.md §2), all on the same data.
+
+    Writes `workdir/results.json`, `workdir/results.md`, `workdir/plots/per_class_accuracy.png`
+    and one directory per stage.
+    """
+    from dsink_jax.train import ot_softmax as ots
+
+    check_before_training(config, workdir)
+    configs_lib.validate_ot_softmax_config(config)
+    training_set = prepare_training_set(config)
+    o = config.ot_softmax
+    rows = []
+    for loss in o.references:
+        method = build_method(config, training_set, loss=loss)
+        results, _ = train_or_reuse_stage(
+            config, os.path.join(workdir, loss), training_set=training_set, method=method,
+            name=loss, identity=_stage_identity(config, loss))
+        rows.append(_stage_row(loss, loss, results))
+
+    options = ots.OTSoftmaxOptions.from_config(o, training_set.noisy_class_counts)
+    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    backbone = make_model(config, training_set.num_classes, head="cosine")
+    method = step_lib.Method(
+        model=ots.OTSoftmaxNet(backbone=backbone, projection_dim=int(o.projection_dim)),
+        tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
+        objective=ots.potential_objective(training_set.num_classes),
+        augment=augment_for(config, training_set))
+    results, _ = train_or_reuse_stage(
+        config, os.path.join(workdir, "ot_softmax"), training_set=training_set, method=method,
+        name="ot_softmax", identity={**_stage_identity(config, "ot_softmax"),
+                                     "ot_softmax": o.to_dict()},
+        step_fn=functools.partial(ots.ot_softmax_step, method=method, options=options),
+        predict_fn=functools.partial(ots.ot_softmax_predict, method=method, options=options))
+    rows.append(_stage_row("ot_softmax", "ot_softmax", results))
+    plot_dir = os.path.join(workdir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    plots.per_class_accuracy_vs_size(rows, training_set.class_counts,
+                                     os.path.join(plot_dir, "per_class_accuracy.png"))
+    markdown = write_summary(workdir, rows, training_set, extra={"ot_softmax": o.to_dict()})
+    print(markdown)
+    return {"stages": rows}
+
+
+PIPELINES = {"baseline": run_baseline, "dsink": run_dsink, "ot_softmax": run_ot_softmax}
 
 
 def run(config, workdir: str) -> dict:
