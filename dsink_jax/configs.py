@@ -210,7 +210,10 @@ def build_config(family: str, args: dict[str, Any]) -> ml_collections.ConfigDict
     c.keep_checkpoints = 2
     c.eval_batch_size = 512
     c.progress = True  # tqdm progress bar
-    c.num_devices = 0  # data-parallel devices; 0 = all local devices of the default backend
+    c.num_devices = 0  # data-parallel devices; 0 = all devices (of all processes)
+    # Multi-host: call jax.distributed.initialize() first (Slurm / TPU pods detect their peers;
+    # elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID).
+    c.distributed = False
     c.lock()  # a typo in `--config.x=y` or in code fails loudly
     return c
 

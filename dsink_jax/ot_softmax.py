@@ -164,7 +164,13 @@ def supcon_loss(projections: jax.Array, labels: jax.Array, *, temperature=0.1,
   if base_temperature is None:
     base_temperature = temperature
   _check_positive("base_temperature", base_temperature)
+  return _supcon(projections, labels, temperature, base_temperature)
 
+
+# Jitted so that eager calls compile once instead of op by op; inlined under an outer jit.
+@jax.jit
+def _supcon(projections, labels, temperature, base_temperature):
+  batch_size, num_views, proj_dim = projections.shape
   num_anchors = batch_size * num_views
   z = _l2_normalise(projections.reshape(num_anchors, proj_dim))
   anchor_labels = jnp.repeat(labels, num_views)  # Batch-major, like the reshape above.

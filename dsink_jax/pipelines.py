@@ -21,7 +21,7 @@ from dsink_jax import data as data_lib
 from dsink_jax import plots
 from dsink_jax.dsink import global_class_mass
 from dsink_jax.models import get_model
-from dsink_jax.train import loop, optim
+from dsink_jax.train import loop, optim, parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
 from dsink_jax.train.objectives import (LOSS_KIND, Objective, make_dsink_objective,
@@ -130,8 +130,9 @@ def write_summary(workdir: str, rows: list[dict], training_set: data_lib.Trainin
                 "Accuracies in % on the clean test set; many > 100, few < 20 training images; "
                 "corrected = mislabelled training samples predicted as their true label.\n\n"
                 f"{table}\n")
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(markdown)
+    if parallel.is_writer():
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(markdown)
     summary = {"data": training_set.summary(), "stages": rows, **(extra or {})}
     loop.write_json(os.path.join(workdir, "results.json"), summary)
     return markdown

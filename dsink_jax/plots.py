@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str) -> None:
+    """Saves and closes a figure; only process 0 writes (multi-host runs)."""
+    import jax
+    if jax.process_index() == 0:
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def per_class_accuracy_vs_size(rows: list[dict], class_counts, path: str) -> None:
     """Per-class test accuracy of every stage against the class's training count (log x)."""
     counts = np.asarray(class_counts)
@@ -27,8 +35,7 @@ def per_class_accuracy_vs_size(rows: list[dict], class_counts, path: str) -> Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def read_metric_curve(metrics_path: str, key: str) -> tuple[list[int], list[float]]:
@@ -58,5 +65,4 @@ def correction_over_epochs(curves: dict[str, tuple[list[int], list[float]]], pat
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

@@ -31,6 +31,7 @@ from dsink_jax import pipelines
 from dsink_jax.data import epoch_batches
 from dsink_jax.train import loop
 from dsink_jax.train import metrics as metrics_lib
+from dsink_jax.train import parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
 
@@ -138,17 +139,28 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
         raise ValueError(f"optim.batch_size={batch_size} is larger than the training set "
                          f"({num_train} examples); allowed: 1..{num_train}")
     epochs = config.optim.epochs
-    x_train = jnp.asarray(ts.x_train)
-    y_given = jnp.asarray(ts.noisy_labels.astype(np.int32))
-    gather = jax.jit(lambda idx: {"images": x_train[idx], "labels": y_given[idx],
-                                  "indices": idx})
+    # The same data-parallel layout as a single run (dsink_jax.train.parallel).
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_batch_size(batch_size, mesh)
+    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    data = parallel.replicate({"images": ts.x_train,
+                               "labels": ts.noisy_labels.astype(np.int32)}, mesh)
+    gather = jax.jit(lambda data, idx: {"images": data["images"][idx],
+                                        "labels": data["labels"][idx], "indices": idx},
+                     out_shardings=sharded)
+    teacher_variables = parallel.replicate(teacher_variables, mesh)
     # The shared data key: the one a single run with config.seed uses for its steps.
-    data_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
-    step = jax.jit(functools.partial(sweep_step, method=method), donate_argnums=0)
+    data_rng = parallel.replicate(jax.random.split(jax.random.PRNGKey(config.seed))[1], mesh)
+    step = jax.jit(functools.partial(sweep_step, method=method),
+                   in_shardings=(rep, sharded, rep, rep), out_shardings=(rep, rep),
+                   donate_argnums=0)
     predict = jax.jit(jax.vmap(lambda s, x: step_lib.predict_logits(
-        s.variables, x, model=method.model, augment=method.augment), in_axes=(0, None)))
+        s.variables, x, model=method.model, augment=method.augment), in_axes=(0, None)),
+        in_shardings=(rep, sharded), out_shardings=rep)
+    eval_batch_size = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
+    put = functools.partial(parallel.global_batch, mesh=mesh)
 
-    states = init_members(method, members, ts.x_train[:1])
+    states = parallel.replicate(init_members(method, members, ts.x_train[:1]), mesh)
     checkpointer = Checkpointer(os.path.join(sweep_dir, "checkpoints"),
                                 keep=config.keep_checkpoints)
     restored = checkpointer.restore_latest(states)
@@ -163,7 +175,8 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     for epoch in range(start_epoch, epochs):
         history = []
         for idx in epoch_batches(config.seed, epoch, num_train, batch_size):
-            states, metrics = step(states, gather(idx), teacher_variables, data_rng)
+            batch = gather(data, parallel.global_batch(idx, mesh))
+            states, metrics = step(states, batch, teacher_variables, data_rng)
             history.append(metrics["finite"])
             timed_steps += 1
         finite = np.asarray(jax.device_get(jnp.stack(history))).all(axis=0)
@@ -177,12 +190,12 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     bar.close()
     seconds = time.perf_counter() - t0
 
-    test_logits = step_lib.batched_predict(
-        lambda s, x: jnp.moveaxis(predict(s, x), 0, 1), states, ts.x_test,
-        config.eval_batch_size)  # [N, M, C]
-    train_logits = step_lib.batched_predict(
-        lambda s, x: jnp.moveaxis(predict(s, x), 0, 1), states, ts.x_train,
-        config.eval_batch_size)
+    def members_first(s, x):  # [B, M, C], so batched_predict slices and stacks examples
+        return jnp.moveaxis(predict(s, x), 0, 1)
+    test_logits = step_lib.batched_predict(members_first, states, ts.x_test, eval_batch_size,
+                                           put=put)
+    train_logits = step_lib.batched_predict(members_first, states, ts.x_train,
+                                            eval_batch_size, put=put)
     rows = []
     for i, member in enumerate(members):
         summary = metrics_lib.classification_summary(
@@ -213,8 +226,9 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
                 f"Teachers (for reference):\n\n{pipelines.results_table(teachers['rows'])}\n\n"
                 f"Students, ranked by test accuracy:\n\n" + "\n".join(table) + "\n\n"
                 f"{timed_steps} vmapped steps in {seconds:.1f} s.\n")
-    with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
-        f.write(markdown)
+    if parallel.is_writer():
+        with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
+            f.write(markdown)
     loop.write_json(os.path.join(sweep_dir, "summary.json"),
                     {"members": rows, "teachers": teachers["rows"], "seconds": seconds,
                      "steps": timed_steps})

@@ -11,6 +11,7 @@ Running the same command again resumes from DIR/checkpoints (and reuses finished
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -27,6 +28,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if _CONFIG.value.distributed:
+        jax.distributed.initialize()  # before any other JAX call
     try:
         pipelines.run(_CONFIG.value, _WORKDIR.value)
     except (configs_lib.ConfigError, PermissionError) as err:

@@ -12,6 +12,7 @@ one teacher forward per batch. Results: DIR/sweep/<member>/results.json and DIR/
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -29,6 +30,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if _CONFIG.value.distributed:
+        jax.distributed.initialize()  # before any other JAX call
     config = _CONFIG.value
     try:
         if config.family != "dsink":

@@ -31,6 +31,7 @@ import tqdm
 
 from dsink_jax.data import TrainingSet, epoch_batches
 from dsink_jax.train import metrics as metrics_lib
+from dsink_jax.train import parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
 from dsink_jax.train.state import TrainState
@@ -65,11 +66,26 @@ def _json_default(value):
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically (temporary file, then rename): a reader never sees half a file."""
+    """Writes JSON atomically (temporary file, then rename): a reader never sees half a file.
+
+    Only process 0 writes (multi-host runs); the others return.
+    """
+    if not parallel.is_writer():
+        return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=_json_default)
     os.replace(tmp, path)
+
+
+class _NullLog:
+    """What processes other than 0 log: nothing."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def close(self) -> None:
+        pass
 
 
 class _MetricsLog:
@@ -165,17 +181,25 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
         def predict_fn(state, images):
             return step_lib.predict_logits(state.variables, images, model=method.model,
                                            augment=method.augment)
-    jit_step = jax.jit(step_fn, donate_argnums=0)
-    jit_predict = jax.jit(predict_fn)
+    # One code path for 1 and N devices (and hosts): batch sharded, everything else replicated.
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_batch_size(batch_size, mesh)
+    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    jit_step = jax.jit(step_fn, in_shardings=(rep, sharded, rep), out_shardings=(rep, rep),
+                       donate_argnums=0)
+    jit_predict = jax.jit(predict_fn, in_shardings=(rep, sharded), out_shardings=rep)
+    eval_batch_size = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
 
-    # The dataset lives on device; each step gathers its batch there.
-    x_train = jnp.asarray(ts.x_train)
-    y_given = jnp.asarray(ts.noisy_labels.astype(np.int32))
-    gather = jax.jit(lambda idx: {"images": x_train[idx], "labels": y_given[idx],
-                                  "indices": idx})
+    # The dataset lives on device (replicated); each step gathers its sharded batch there.
+    data = parallel.replicate({"images": ts.x_train,
+                               "labels": ts.noisy_labels.astype(np.int32)}, mesh)
+    gather = jax.jit(lambda data, idx: {"images": data["images"][idx],
+                                        "labels": data["labels"][idx], "indices": idx},
+                     out_shardings=sharded)
+    teacher_variables = parallel.replicate(teacher_variables, mesh)
 
     rng = jax.random.PRNGKey(config.seed)
-    state = step_lib.init_state(method, rng, ts.x_train[:1])
+    state = parallel.replicate(step_lib.init_state(method, rng, ts.x_train[:1]), mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.keep_checkpoints)
     restored = checkpointer.restore_latest(state)
@@ -183,11 +207,12 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     if restored is not None:
         state, start_epoch = restored
         logging.info("%s: resuming after epoch %d", name, start_epoch)
-    log = _MetricsLog(workdir, start_epoch)
+    log = _MetricsLog(workdir, start_epoch) if parallel.is_writer() else _NullLog()
 
     def evaluate(state) -> dict:
-        test_logits = step_lib.batched_predict(jit_predict, state, ts.x_test,
-                                               config.eval_batch_size)
+        put = functools.partial(parallel.global_batch, mesh=mesh)
+        test_logits = step_lib.batched_predict(jit_predict, state, ts.x_test, eval_batch_size,
+                                               put=put)
         test_pred = test_logits.argmax(-1)
         out = metrics_lib.classification_summary(
             test_pred, ts.y_test, ts.class_counts,
@@ -195,7 +220,7 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
             few_threshold=config.data.few_shot_threshold)
         if ts.is_corrupted.any():
             train_logits = step_lib.batched_predict(jit_predict, state, ts.x_train,
-                                                    config.eval_batch_size)
+                                                    eval_batch_size, put=put)
             out["correction_rate"] = metrics_lib.correction_rate(
                 train_logits.argmax(-1), ts.clean_labels, ts.noisy_labels)
         else:
@@ -214,7 +239,8 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
             first_step = int(state.step)
             t0 = time.perf_counter()
             for i, idx in enumerate(order):
-                state, step_metrics = jit_step(state, gather(idx), teacher_variables)
+                batch = gather(data, parallel.global_batch(idx, mesh))
+                state, step_metrics = jit_step(state, batch, teacher_variables)
                 history.append(step_metrics)
                 if i == 0 and epoch == start_epoch:
                     jax.block_until_ready(state)  # keep compilation out of images/sec

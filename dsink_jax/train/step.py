@@ -169,25 +169,28 @@ def predict_logits(variables: dict, images: jax.Array, *, model: nn.Module,
     return logits.astype(jnp.float32)
 
 
-def batched_predict(predict_fn, state, images: np.ndarray, batch_size: int) -> np.ndarray:
+def batched_predict(predict_fn, state, images: np.ndarray, batch_size: int, *,
+                    put=None) -> np.ndarray:
     """Runs a jitted `predict_fn(state, images)` over a dataset in fixed-size batches.
 
     The last batch is padded to `batch_size` (and the padding dropped) so the function is traced
-    once, whatever the dataset size.
+    once, whatever the dataset size. `put(chunk)` places a host chunk (e.g. as a batch-sharded
+    global array); default: passed as is.
 
     Returns:
       float32 numpy [N, C] logits.
     """
     n = images.shape[0]
-    batch_size = min(batch_size, n)
     outputs = []
     for start in range(0, n, batch_size):
         chunk = images[start:start + batch_size]
         pad = batch_size - chunk.shape[0]
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        outputs.append(predict_fn(state, chunk)[:batch_size - pad])
-    return np.asarray(jnp.concatenate(outputs)) if outputs else np.zeros((0, 0), np.float32)
+        if put is not None:
+            chunk = put(chunk)
+        outputs.append(np.asarray(predict_fn(state, chunk))[:batch_size - pad])
+    return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
 
 def params_fingerprint(params: Any) -> str:
