@@ -143,11 +143,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_batch_size(batch_size, mesh)
     rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    data = parallel.replicate({"images": ts.x_train,
-                               "labels": ts.noisy_labels.astype(np.int32)}, mesh)
-    gather = jax.jit(lambda data, idx: {"images": data["images"][idx],
-                                        "labels": data["labels"][idx], "indices": idx},
-                     out_shardings=sharded)
+    dataset = parallel.DeviceDataset(ts.x_train, ts.noisy_labels, mesh)
     teacher_variables = parallel.replicate(teacher_variables, mesh)
     # The shared data key: the one a single run with config.seed uses for its steps.
     data_rng = parallel.replicate(jax.random.split(jax.random.PRNGKey(config.seed))[1], mesh)
@@ -157,7 +153,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     predict = jax.jit(jax.vmap(lambda s, x: step_lib.predict_logits(
         s.variables, x, model=method.model, augment=method.augment), in_axes=(0, None)),
         in_shardings=(rep, sharded), out_shardings=rep)
-    eval_batch_size = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
+    eval_batch_size = dataset.eval_batch_size(config.eval_batch_size)
     put = functools.partial(parallel.global_batch, mesh=mesh)
 
     states = parallel.replicate(init_members(method, members, ts.x_train[:1]), mesh)
@@ -175,8 +171,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     for epoch in range(start_epoch, epochs):
         history = []
         for idx in epoch_batches(config.seed, epoch, num_train, batch_size):
-            batch = gather(data, parallel.global_batch(idx, mesh))
-            states, metrics = step(states, batch, teacher_variables, data_rng)
+            states, metrics = step(states, dataset.batch(idx), teacher_variables, data_rng)
             history.append(metrics["finite"])
             timed_steps += 1
         finite = np.asarray(jax.device_get(jnp.stack(history))).all(axis=0)

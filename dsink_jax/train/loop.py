@@ -188,14 +188,8 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     jit_step = jax.jit(step_fn, in_shardings=(rep, sharded, rep), out_shardings=(rep, rep),
                        donate_argnums=0)
     jit_predict = jax.jit(predict_fn, in_shardings=(rep, sharded), out_shardings=rep)
-    eval_batch_size = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
-
-    # The dataset lives on device (replicated); each step gathers its sharded batch there.
-    data = parallel.replicate({"images": ts.x_train,
-                               "labels": ts.noisy_labels.astype(np.int32)}, mesh)
-    gather = jax.jit(lambda data, idx: {"images": data["images"][idx],
-                                        "labels": data["labels"][idx], "indices": idx},
-                     out_shardings=sharded)
+    dataset = parallel.DeviceDataset(ts.x_train, ts.noisy_labels, mesh)
+    eval_batch_size = dataset.eval_batch_size(config.eval_batch_size)
     teacher_variables = parallel.replicate(teacher_variables, mesh)
 
     rng = jax.random.PRNGKey(config.seed)
@@ -239,8 +233,7 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
             first_step = int(state.step)
             t0 = time.perf_counter()
             for i, idx in enumerate(order):
-                batch = gather(data, parallel.global_batch(idx, mesh))
-                state, step_metrics = jit_step(state, batch, teacher_variables)
+                state, step_metrics = jit_step(state, dataset.batch(idx), teacher_variables)
                 history.append(step_metrics)
                 if i == 0 and epoch == start_epoch:
                     jax.block_until_ready(state)  # keep compilation out of images/sec

@@ -84,3 +84,28 @@ def global_batch(host_batch: np.ndarray, mesh: Mesh) -> jax.Array:
 def is_writer() -> bool:
     """Only process 0 writes metrics, results and plots."""
     return jax.process_index() == 0
+
+
+class DeviceDataset:
+    """A training set held on the devices (replicated), serving sharded batches by index.
+
+    A CIFAR-scale dataset fits in device memory, so no host pipeline sits on the hot path: the
+    host sends only the batch's indices (from `dsink_jax.data.epoch_batches`).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mesh: Mesh):
+        self.mesh = mesh
+        self._data = replicate({"images": images, "labels": labels.astype(np.int32)}, mesh)
+        self._gather = jax.jit(
+            lambda data, idx: {"images": data["images"][idx], "labels": data["labels"][idx],
+                               "indices": idx},
+            out_shardings=batch_sharded(mesh))
+
+    def batch(self, indices: np.ndarray) -> dict[str, jax.Array]:
+        """{"images" uint8 [B, ...], "labels" int32 [B], "indices" int32 [B]}, batch-sharded."""
+        return self._gather(self._data, global_batch(np.asarray(indices, np.int32), self.mesh))
+
+    def eval_batch_size(self, requested: int) -> int:
+        """`requested` rounded up to a multiple of the device count."""
+        n = self.mesh.devices.size
+        return -(-requested // n) * n
