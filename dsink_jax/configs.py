@@ -358,7 +358,8 @@ def build_ot_softmax_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         o.solve_every = 1  # re-solve the heights every k steps
         o.solve_steps = 5  # warm-started dual steps per re-solve
         o.num_samples = 1024  # Monte-Carlo points on the sphere per dual step
-        o.solver_learning_rate = 0.05  # Adam on the heights
+        o.solver_learning_rate = 0.02  # Adam on the heights (a fresh Adam per re-solve: its
+        # first steps move every height by about this much, so keep it small when warm-started)
         o.entropic_epsilon = 0.0  # 0 = hard cells; > 0 = soft (entropic) cells
         o.train_target = args["train_target"]  # nu during training: "prior" or "uniform"
         o.inference = args["inference"]  # "raw" (s cos) or "balanced" (s cos + h for uniform nu)
