@@ -19,6 +19,7 @@ Presets (the `preset` argument):
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import ml_collections
@@ -223,6 +224,20 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_all_finite(tree: dict, prefix: str = "") -> None:
+    """Every number in the config must be finite (NaN and inf pass one-sided range checks)."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            _require_all_finite(value, f"{name}.")
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{name}={value!r} must hold finite numbers")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be finite")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every value the training pipeline reads, before any data is loaded or work done.
 
@@ -234,6 +249,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     from dsink_jax.models import MODEL_NAMES
     from dsink_jax.train.objectives import LOSS_NAMES
 
+    _require_all_finite(config.to_dict())
+    _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
+             f"seed={config.seed!r} must be an integer in [0, 2**32)")
     dataset_spec(config.data.dataset)
     _require(config.data.imbalance >= 1.0,
              f"data.imbalance={config.data.imbalance} must be >= 1 (n_max / n_min; 1 = balanced)")
@@ -252,6 +270,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"model.dtype={config.model.dtype!r}; allowed: float32, bfloat16")
     _require(config.loss in LOSS_NAMES,
              f"loss={config.loss!r}; allowed: {', '.join(LOSS_NAMES)}")
+    lo = config.loss_options
+    _require(lo.la_tau >= 0, f"loss_options.la_tau={lo.la_tau} must be >= 0")
+    _require(0 < lo.gce_q <= 1, f"loss_options.gce_q={lo.gce_q} must be in (0, 1]")
+    _require(lo.sce_alpha >= 0, f"loss_options.sce_alpha={lo.sce_alpha} must be >= 0")
+    _require(lo.sce_beta >= 0, f"loss_options.sce_beta={lo.sce_beta} must be >= 0")
+    _require(lo.elr_lambda >= 0, f"loss_options.elr_lambda={lo.elr_lambda} must be >= 0")
+    _require(0 <= lo.elr_beta < 1, f"loss_options.elr_beta={lo.elr_beta} must be in [0, 1)")
+    _require(lo.ldam_max_margin > 0,
+             f"loss_options.ldam_max_margin={lo.ldam_max_margin} must be > 0")
+    _require(lo.ldam_scale > 0, f"loss_options.ldam_scale={lo.ldam_scale} must be > 0")
+    _require(0 <= lo.drw_beta < 1, f"loss_options.drw_beta={lo.drw_beta} must be in [0, 1)")
+    _require(0 <= lo.drw_start_fraction <= 1,
+             f"loss_options.drw_start_fraction={lo.drw_start_fraction} must be in [0, 1]")
     o = config.optim
     _require(o.epochs >= 1, f"optim.epochs={o.epochs} must be >= 1")
     _require(o.batch_size >= 1, f"optim.batch_size={o.batch_size} must be >= 1")
@@ -271,6 +302,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
     _require(config.eval_batch_size >= 1,
              f"eval_batch_size={config.eval_batch_size} must be >= 1")
+    _require(config.num_devices >= 0,
+             f"num_devices={config.num_devices} must be >= 0 (0 = all devices)")
+    d = config.data
+    _require(0 <= d.few_shot_threshold <= d.many_shot_threshold,
+             f"data.few_shot_threshold={d.few_shot_threshold} and data.many_shot_threshold="
+             f"{d.many_shot_threshold} must satisfy 0 <= few <= many")
 
 
 # --------------------------------------------------------------------------- D-SINK family
@@ -322,7 +359,11 @@ def validate_dsink_config(config: ml_collections.ConfigDict) -> None:
     _require(d.alpha >= 0, f"dsink.alpha={d.alpha} must be >= 0")
     _require(d.alpha_warmup_epochs >= 0,
              f"dsink.alpha_warmup_epochs={d.alpha_warmup_epochs} must be >= 0")
-    _require(d.epsilon > 0, f"dsink.epsilon={d.epsilon} must be > 0")
+    from dsink_jax.ot.sinkhorn import MIN_EPSILON
+    _require(d.epsilon >= MIN_EPSILON,
+             f"dsink.epsilon={d.epsilon} must be >= {MIN_EPSILON} (the paper uses 2)")
+    _require(d.student_logit_adjustment >= 0,
+             f"dsink.student_logit_adjustment={d.student_logit_adjustment} must be >= 0")
     _require(d.num_iters >= 1, f"dsink.num_iters={d.num_iters} must be >= 1")
     _require(d.backend in ("native", "ott"), f"dsink.backend={d.backend!r}; allowed: native, ott")
     _require(d.class_mass in CLASS_MASS_MODES,

@@ -28,16 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dsink_jax._checks import concrete as _concrete
+
 # Tolerance on sum(class_prior) == 1 (priors are often float32 frequencies).
 _PRIOR_SUM_ATOL = 1e-3
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-    """Returns x as a numpy array, or None when x is traced (validation is then skipped)."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
 
 
 def _check_range(name: str, value: Any, *, low: float, high: float = np.inf,

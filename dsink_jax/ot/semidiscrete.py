@@ -70,6 +70,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dsink_jax._checks import check_positive as _check_positive
+from dsink_jax._checks import concrete as _concrete
+from dsink_jax._checks import l2_normalize as _l2_normalise
+
 __all__ = [
     "PotentialInfo",
     "cell_masses",
@@ -94,25 +98,6 @@ class PotentialInfo(NamedTuple):
     cell_mass: jax.Array
     mass_error: jax.Array
     energy: jax.Array
-
-
-def _l2_normalise(x: jax.Array, axis: int = -1) -> jax.Array:
-    # rsqrt of a clipped squared norm: no NaN value or gradient at the zero vector.
-    sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-24))
-
-
-def _concrete(x) -> np.ndarray | None:
-    """``x`` as a NumPy array when its value is known now, ``None`` under a JAX transform."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    return np.asarray(x)
-
-
-def _check_positive(name: str, value) -> None:
-    concrete = _concrete(value)
-    if concrete is not None and not np.all(concrete > 0):
-        raise ValueError(f"{name} must be > 0 (allowed range: (0, inf)), got {value!r}.")
 
 
 def _check_shapes(class_weights, potential=None, *, potential_name: str = "potential") -> int:

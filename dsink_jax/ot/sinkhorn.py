@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsink_jax._checks import is_concrete as _is_concrete
+
 __all__ = ["SinkhornInfo", "sinkhorn_allocation", "BACKENDS"]
 
 BACKENDS = ("native", "ott")
@@ -45,6 +47,10 @@ BACKENDS = ("native", "ott")
 # Tolerance on ``sum(class_mass) == 1`` for concrete inputs: float32 means of
 # softmax outputs over a large dataset drift by ~1e-6, far below this.
 _MASS_SUM_TOL = 1e-4
+# The solve runs in float32 on scores (log f_N + log f) / epsilon: below this, the scores of
+# ordinary log-probabilities leave float32's useful range (and the plan is a hard assignment
+# already, for all practical purposes).
+MIN_EPSILON = 1e-4
 
 
 class SinkhornInfo(NamedTuple):
@@ -62,20 +68,6 @@ class SinkhornInfo(NamedTuple):
     row_error: jax.Array
     column_error: jax.Array
     potential: jax.Array
-
-
-def _is_concrete(x) -> bool:
-    """Whether ``x`` holds a value now (not a tracer under jit/vmap/grad).
-
-    Value checks (finite, nonnegative, sums to one) can only run on concrete
-    inputs; traced inputs get the static (shape/dtype) checks only.
-    """
-    try:
-        np.asarray(x)
-    except (jax.errors.TracerArrayConversionError,
-            jax.errors.ConcretizationTypeError):
-        return False
-    return True
 
 
 def _validate_options(num_classes, class_mass, epsilon, num_iters, backend):
@@ -100,10 +92,10 @@ def _validate_options(num_classes, class_mass, epsilon, num_iters, backend):
             f"epsilon has shape {jnp.shape(epsilon)}; expected a scalar.")
     if _is_concrete(epsilon):
         eps_value = float(np.asarray(epsilon))
-        if not (np.isfinite(eps_value) and eps_value > 0):
+        if not (np.isfinite(eps_value) and eps_value >= MIN_EPSILON):
             raise ValueError(
-                f"epsilon={eps_value}; allowed range: finite and > 0 (the paper "
-                "uses 2.0).")
+                f"epsilon={eps_value}; allowed range: finite and >= {MIN_EPSILON} (the "
+                "paper uses 2.0).")
     if class_mass is None:
         return
     if jnp.shape(class_mass) != (num_classes,):
@@ -167,7 +159,10 @@ def _native_log_plan(scores, log_column_target, num_iters):
             jnp.zeros((num_classes,), scores.dtype))
     (row_potential, class_potential), _ = jax.lax.scan(
         one_iteration, init, None, length=num_iters)
-    log_plan = scores + row_potential[:, None] + class_potential[None, :]
+    # The last row update made each row of `scores + f + g` a log-distribution; taking it as a
+    # log_softmax avoids adding and cancelling huge terms when |scores| is large (small epsilon).
+    del row_potential
+    log_plan = jax.nn.log_softmax(scores + class_potential[None, :], axis=1)
     return log_plan, class_potential
 
 

@@ -276,7 +276,8 @@ def test_training_set_on_digits_is_consistent_or_refused(digits, ratio, profile,
        batch_size=st.integers(-3, 400))
 def test_epoch_batches_partition_or_refuse(seed, epoch, num_examples, batch_size):
     if batch_size < 1:
-        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {batch_size}"):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {batch_size}"
+                           ):
             data.epoch_batches(seed, epoch, num_examples, batch_size)
         return
     if batch_size > num_examples:

@@ -73,7 +73,7 @@ def _log_softmax(x):
 # ----------------------------------------------------------------------------- Sinkhorn
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(shape=st.sampled_from(SINKHORN_SHAPES), amplitude=st.sampled_from(AMPLITUDES),
        data=st.data())
 def test_sinkhorn_marginals_and_finiteness(shape, amplitude, data):
@@ -145,11 +145,7 @@ def test_sinkhorn_bad_input_raises_before_any_work(shape, data):
             sinkhorn_allocation(*args, **{**_GOOD, **options})
 
 
-@pytest.mark.parametrize("epsilon", [1e-6, 1e-30, 1e-40])
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "sinkhorn_allocation validates epsilon in float64 but solves in float32: with |cost| / "
-    "epsilon above ~1e7 the final log-plan `scores + f + g` cancels huge terms (rows of Q sum "
-    "to 0.5..2: epsilon=1e-30 gives Q=[[1, 1]]), and below ~1e-38 epsilon rounds to 0 (NaN)"))
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-4, 1e-6, 1e-30, 1e-40])
 def test_sinkhorn_small_epsilon_keeps_rows_on_the_simplex_or_is_refused(epsilon):
     rng = np.random.default_rng(0)
     noise, student = (_log_softmax(3.0 * rng.normal(size=(8, 5))) for _ in range(2))
@@ -165,7 +161,7 @@ def test_sinkhorn_small_epsilon_keeps_rows_on_the_simplex_or_is_refused(epsilon)
 # ----------------------------------------------------------------------------- D-SINK loss
 
 
-@fuzz_settings(30)
+@fuzz_settings(25)
 @given(shape=st.sampled_from(DSINK_SHAPES), amplitude=st.sampled_from(AMPLITUDES),
        # Each (mode, base_loss) pair compiles per shape: two pairs cover both options of each.
        mode_and_base=st.sampled_from([("batch", "ce"), ("global", "none")]),
@@ -274,8 +270,10 @@ def rows_with_scales(draw, shape):
 
 
 def _unit(x):
-    """x / max(||x||, 1e-12) in float64: the library's clamped normalisation."""
+    """The library's normalisation in float64: x / ||x|| for any nonzero row, 0 for a zero row."""
     x = np.asarray(x, np.float64)
+    peak = np.max(np.abs(x), axis=-1, keepdims=True)
+    x = x / np.where(peak > 0, peak, 1.0)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -353,10 +351,6 @@ def test_supcon_with_zero_and_extreme_projections(shape, temperature, data):
     assert np.all(loss >= np.log(positive.sum(1)) - 1e-4 / temperature)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "_l2_normalise squares in float32: a row with |x| > ~1.8e19 overflows the squared norm to "
-    "inf, rsqrt(inf) = 0, and the row silently normalises to the zero vector (cosine 0 "
-    "instead of 1); same in ot/semidiscrete.py. Scaling by max|x| first would fix it"))
 def test_huge_features_still_normalise_to_unit_length():
     features = np.array([[1e20, 0.0]], np.float32)
     weights = np.eye(2, dtype=np.float32)

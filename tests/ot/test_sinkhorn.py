@@ -264,7 +264,8 @@ def test_vmap_over_epsilon_equals_loop(backend):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"epsilon": 0.0}, ValueError, r"epsilon=0.0.*> 0"),
+        ({"epsilon": 0.0}, ValueError, r"epsilon=0.0.*>= 0.0001"),
+        ({"epsilon": 1e-30}, ValueError, r"epsilon=1e-30.*>= 0.0001"),
         ({"epsilon": -1.0}, ValueError, r"epsilon=-1.0"),
         ({"epsilon": float("nan")}, ValueError, r"epsilon=nan"),
         ({"epsilon": jnp.ones(2)}, ValueError, r"epsilon has shape \(2,\)"),
