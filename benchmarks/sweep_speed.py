@@ -122,6 +122,12 @@ def main(argv=None) -> int:
     sweep_fn = jax.jit(functools.partial(sweep.sweep_step, method=method), donate_argnums=0)
     vmapped = stepper(sweep_fn, sweep.init_members(method, members, sample), batch,
                       teacher_variables, data_rng)
+    # (i') the same program with the member updates written out one after another
+    # (`--members=unroll`).
+    unroll_fn = jax.jit(functools.partial(sweep.sweep_step, method=method, members="unroll"),
+                        donate_argnums=0)
+    unrolled = stepper(unroll_fn, sweep.init_members(method, members, sample), batch,
+                       teacher_variables, data_rng)
 
     # (ii) one single-student program (train_step, donated; the loop's jit on one device), run
     # on each member in turn.
@@ -135,20 +141,22 @@ def main(argv=None) -> int:
             run(n)
 
     compile_s = {}
-    for name, run in (("vmapped", vmapped), ("sequential", sequential)):
+    variants = {"vmapped": vmapped, "unrolled": unrolled, "sequential": sequential}
+    for name, run in variants.items():
         start = time.perf_counter()
         run(1)  # compiles (sequential: once, then 7 cached calls)
         compile_s[name] = time.perf_counter() - start
         print(f"{name}: compiled and ran one step in {compile_s[name]:.1f} s", flush=True)
 
-    seconds = time_interleaved({"vmapped": vmapped, "sequential": sequential},
-                               {"vmapped": args.steps, "sequential": args.steps},
+    seconds = time_interleaved(variants, {name: args.steps for name in variants},
                                repeats=args.repeats)
     # Per call: one step of all members; per student-step: divided by the member count.
     per_student = {k: [s / num_members for s in v] for k, v in seconds.items()}
     speedup = statistics.median(per_student["sequential"]) / statistics.median(
         per_student["vmapped"])
     paired = paired_ratio(per_student["sequential"], per_student["vmapped"])
+    unroll_speedup = statistics.median(per_student["sequential"]) / statistics.median(
+        per_student["unrolled"])
     rows = [{"model": args.model, "variant": name, "members": num_members,
              "batch_size": config.optim.batch_size,
              "image_shape": list(training_set.x_train.shape[1:]), "steps": args.steps,
@@ -160,14 +168,17 @@ def main(argv=None) -> int:
           f"{num_members} students (alpha {args.alphas}), {args.repeats} repeats x "
           f"{args.steps} steps x {num_members} students; medians; {machine_line()}")
     print(f"{'variant':<11} {'ms / student-step':>18} {'min-max':>17} {'first call s':>13}")
+    # unrolled: sweep_step(members="unroll"), the member updates written out in one program.
     for r in rows:
         print(f"{r['variant']:<11} {r['median_ms']:>18.2f} "
               f"{r['min_ms']:>8.2f}-{r['max_ms']:<8.2f} {r['first_call_s']:>13.1f}")
     print(f"speed-up sequential / vmapped = {speedup:.2f}x (median of per-repeat ratios "
           f"{paired:.2f}x; goal >= 1.5x: {'met' if speedup >= 1.5 else 'NOT met'})")
+    print(f"speed-up sequential / unrolled (--members=unroll) = {unroll_speedup:.2f}x")
     if args.json:
         record = {"script": "sweep_speed", "args": vars(args), "machine": machine_line(),
                   "rows": rows, "speedup": speedup, "speedup_paired": paired,
+                  "speedup_unrolled": unroll_speedup,
                   "goal_met": speedup >= 1.5}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0

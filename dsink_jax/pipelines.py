@@ -95,7 +95,8 @@ TABLE_COLUMNS = (
 )
 
 
-def _fmt(value: Any) -> str:
+def format_percent(value: Any) -> str:
+    """A fraction as a percentage with one decimal ("-" for None); other values as text."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -110,7 +111,7 @@ def results_table(rows: Iterable[dict], *, extra_columns: tuple = ()) -> str:
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     for row in rows:
         cells = [row.get("name", "?"), row.get("loss", "?")]
-        cells += [_fmt(row.get(key)) for key, _ in columns]
+        cells += [format_percent(row.get(key)) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

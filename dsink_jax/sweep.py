@@ -97,8 +97,12 @@ def init_members(method: step_lib.Method, members: list[dict], sample_images: np
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def sweep_step(states, batch, teacher_variables, data_rng, *, method: step_lib.Method):
-    """One step of every member: shared augmentation and teacher forward, vmapped update.
+MEMBER_MODES = ("vmap", "unroll")
+
+
+def sweep_step(states, batch, teacher_variables, data_rng, *, method: step_lib.Method,
+               members: str = "vmap"):
+    """One step of every member: shared augmentation and teacher forward, then the updates.
 
     Args:
       states: stacked TrainState [M, ...] (all members at the same step).
@@ -106,18 +110,33 @@ def sweep_step(states, batch, teacher_variables, data_rng, *, method: step_lib.M
       teacher_variables: the frozen teachers' variables (shared).
       data_rng: the shared augmentation key (`fold_in(data_rng, step)` per step).
       method: static parts.
+      members: "vmap" batches the member updates (one program with [M, ...] operands: best on
+        accelerators and for dense models); "unroll" writes the M updates out one after
+        another in the same jitted program, which avoids the grouped convolutions that vmap
+        makes of conv nets (slow on XLA:CPU) at the price of M times the compile time. Both
+        share the augmentation and the teacher forward.
 
     Returns:
       (states, metrics) with every metric of shape [M].
     """
+    if members not in MEMBER_MODES:
+        raise ValueError(f"members={members!r}; allowed: {', '.join(MEMBER_MODES)}")
     images, teacher_logits = step_lib.prepare_batch(data_rng, states.step[0], batch,
                                                     teacher_variables, method=method)
+    if members == "unroll":
+        outputs = [step_lib.apply_update(jax.tree.map(lambda x, i=i: x[i], states), images, batch,
+                                         teacher_logits, method=method)
+                   for i in range(states.step.shape[0])]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
     update = functools.partial(step_lib.apply_update, method=method)
     return jax.vmap(update, in_axes=(0, None, None, None))(states, images, batch, teacher_logits)
 
 
-def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
+def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
+                    members_mode: str = "vmap") -> dict:
     """Trains the teachers (or reuses them), then all students of `grid` in one program.
+
+    `members_mode`: "vmap" or "unroll", see :func:`sweep_step`.
 
     Writes `workdir/sweep/<member>/results.json`, `workdir/sweep/summary.md` and
     `workdir/sweep/summary.json` (members ranked by test accuracy). Resumes from
@@ -125,6 +144,8 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     """
     pipelines.check_before_training(config, workdir)
     configs_lib.validate_dsink_config(config)
+    if members_mode not in MEMBER_MODES:
+        raise ValueError(f"members_mode={members_mode!r}; allowed: {', '.join(MEMBER_MODES)}")
     members = members_of(grid, config)
     training_set = pipelines.prepare_training_set(config)
     teachers = pipelines.train_teachers(config, workdir, training_set)
@@ -147,7 +168,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
     teacher_variables = parallel.replicate(teacher_variables, mesh)
     # The shared data key: the one a single run with config.seed uses for its steps.
     data_rng = parallel.replicate(jax.random.split(jax.random.PRNGKey(config.seed))[1], mesh)
-    step = jax.jit(functools.partial(sweep_step, method=method),
+    step = jax.jit(functools.partial(sweep_step, method=method, members=members_mode),
                    in_shardings=(rep, sharded, rep, rep), out_shardings=(rep, rep),
                    donate_argnums=0)
     predict = jax.jit(jax.vmap(lambda s, x: step_lib.predict_logits(
@@ -212,7 +233,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]]) -> dict:
         cells = [str(rank), r["name"] + (" (diverged)" if r["diverged"] else ""),
                  f"{r['alpha']:g}", f"{r['epsilon']:g}", f"{r['learning_rate']:g}",
                  f"{r['weight_decay']:g}", str(r["seed"])]
-        cells += [pipelines._fmt(r.get(k)) for k in (
+        cells += [pipelines.format_percent(r.get(k)) for k in (
             "test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy",
             "correction_rate")]
         table.append("| " + " | ".join(cells) + " |")

@@ -23,6 +23,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A dsink-family config
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for teachers, students, results.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "name=v1,v2,... (repeatable).")
+_MEMBERS = flags.DEFINE_enum("members", "vmap", ["vmap", "unroll"],
+                             "vmap: batched member updates (accelerators, dense models); unroll: "
+                             "written out one after another in the same program (conv nets on "
+                             "CPU).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,7 +43,7 @@ def main(argv):
                 f"sweeps train D-SINK students: use experiments/configs/dsink.py "
                 f"(got family {config.family!r})")
         grid = sweep.parse_sweep(_SWEEP.value)
-        sweep.run_dsink_sweep(config, _WORKDIR.value, grid)
+        sweep.run_dsink_sweep(config, _WORKDIR.value, grid, members_mode=_MEMBERS.value)
     except (configs_lib.ConfigError, PermissionError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -27,6 +27,25 @@ def shot_groups(class_counts: np.ndarray, *, many_threshold: int = 100, few_thre
     }
 
 
+def shot_group_accuracies(per_class: np.ndarray, class_counts: np.ndarray, *,
+                          many_threshold: int = 100, few_threshold: int = 20) -> dict:
+    """Mean per-class accuracy of each shot group ("many_shot_accuracy", ...; None if empty).
+
+    Args:
+      per_class: float [C] accuracies (NaN or None for classes absent from the test set).
+      class_counts: int [C] training images per class.
+    """
+    per_class = np.array([np.nan if a is None else a for a in per_class], np.float64)
+    out = {}
+    groups = shot_groups(class_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+    for name, members in groups.items():
+        values = per_class[members]
+        values = values[~np.isnan(values)]
+        out[f"{name}_shot_accuracy"] = float(values.mean()) if values.size else None
+        out[f"{name}_shot_classes"] = [int(c) for c in members]
+    return out
+
+
 def classification_summary(predictions: np.ndarray, labels: np.ndarray, class_counts: np.ndarray,
                            *, many_threshold: int = 100, few_threshold: int = 20) -> dict:
     """Overall, per-class and shot-group accuracies (shot groups average their classes' accuracy).
@@ -37,12 +56,8 @@ def classification_summary(predictions: np.ndarray, labels: np.ndarray, class_co
     num_classes = len(class_counts)
     per_class = per_class_accuracy(predictions, labels, num_classes)
     out = {"test_accuracy": float(np.mean(np.asarray(predictions) == np.asarray(labels)))}
-    groups = shot_groups(class_counts, many_threshold=many_threshold, few_threshold=few_threshold)
-    for name, members in groups.items():
-        values = per_class[members]
-        values = values[~np.isnan(values)]
-        out[f"{name}_shot_accuracy"] = float(values.mean()) if values.size else None
-        out[f"{name}_shot_classes"] = [int(c) for c in members]
+    out.update(shot_group_accuracies(per_class, class_counts, many_threshold=many_threshold,
+                                     few_threshold=few_threshold))
     out["per_class_accuracy"] = [None if np.isnan(a) else float(a) for a in per_class]
     return out
 
