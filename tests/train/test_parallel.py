@@ -50,3 +50,73 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     import pytest
     with pytest.raises(ValueError, match="num_devices=99; allowed: 0"):
         parallel.make_mesh(99)
+
+
+MULTI_HOST = textwrap.dedent("""
+    import sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=process_id)
+    assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
+    import numpy as np
+    from dsink_jax import configs, pipelines
+    from dsink_jax.train import loop
+    args = dict(configs.COMMON_ARGS, preset="smoke", model="cnn")
+    config = configs.build_config("baseline", args)
+    config.progress = False
+    config.optim.batch_size = 64
+    training_set = pipelines.prepare_training_set(config)
+    method = pipelines.build_method(config, training_set)
+    results, state = loop.train(config, workdir, training_set=training_set, method=method)
+    leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state.params)]
+    np.savez(f"{workdir}/params_{process_id}.npz", *leaves)
+""")
+
+SINGLE = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from dsink_jax import configs, pipelines
+    from dsink_jax.train import loop
+    args = dict(configs.COMMON_ARGS, preset="smoke", model="cnn")
+    config = configs.build_config("baseline", args)
+    config.progress = False
+    config.optim.batch_size = 64
+    training_set = pipelines.prepare_training_set(config)
+    method = pipelines.build_method(config, training_set)
+    results, state = loop.train(config, sys.argv[1], training_set=training_set, method=method)
+    np.savez(sys.argv[1] + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+""")
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Multi-host on one machine: 2 processes x 2 CPU devices (gloo) vs 1 process, 1 device."""
+    import socket
+
+    import numpy as np
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    multi = tmp_path / "multi"
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, str(i), port, str(multi)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    single = tmp_path / "single"
+    single.mkdir()
+    proc = subprocess.run([sys.executable, "-c", SINGLE, str(single)], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reference = np.load(single / "params.npz")
+    for i in range(2):
+        got = np.load(multi / f"params_{i}.npz")
+        for key in reference.files:
+            np.testing.assert_allclose(got[key], reference[key], rtol=1e-4, atol=1e-5)
+    # Only process 0 wrote the metrics and results.
+    assert (multi / "results.json").exists() and (multi / "metrics.jsonl").exists()
