@@ -91,3 +91,27 @@ def test_bad_dsink_options_fail_before_training(tmp_path):
     with pytest.raises(configs.ConfigError, match="dsink.epsilon=0.0 must be > 0"):
         pipelines.run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_ot_softmax_family_trains_end_to_end(tmp_path):
+    args = dict(configs.OT_SOFTMAX_ARGS, preset="smoke", inference="balanced")
+    config = configs.build_ot_softmax_config(args)
+    config.progress = False
+    config.ot_softmax.references = ("ce",)
+    summary = pipelines.run(config, str(tmp_path))
+    names = [row["name"] for row in summary["stages"]]
+    assert names == ["ce", "ot_softmax"]
+    row = summary["stages"][-1]
+    assert 0.2 < row["test_accuracy"] <= 1.0  # two smoke epochs learn (chance is 0.1)
+    metrics = [json.loads(line) for line in
+               open(os.path.join(tmp_path, "ot_softmax", "metrics.jsonl"))]
+    # The heights were re-solved during training: the potential moved away from zero.
+    assert metrics[-1]["train_potential_range"] > 0
+    assert "| ot_softmax | ot_softmax |" in open(os.path.join(tmp_path, "results.md")).read()
+
+
+def test_bad_ot_softmax_options_fail_before_training(tmp_path):
+    config = configs.build_ot_softmax_config(dict(configs.OT_SOFTMAX_ARGS, preset="smoke"))
+    config.ot_softmax.temperature = 0.0
+    with pytest.raises(configs.ConfigError, match="ot_softmax.temperature=0.0 must be > 0"):
+        pipelines.run(config, str(tmp_path))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsink_jax import losses
+from dsink_jax.dsink import dsink_loss
 
 LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr")
 # What each loss is robust to; used by docs and result tables.
@@ -160,8 +161,6 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
         allocation cost) as `logits + tau * log prior`, as in the logit-adjusted loss, so its raw
         logits used at test time are balanced.
     """
-    from dsink_jax.dsink import dsink_loss  # the loss knows nothing of training
-
     clean = jnp.asarray(clean_labels, jnp.int32)
     mass = None if class_mass is None else jnp.asarray(class_mass, jnp.float32)
     warmup_steps = float(options.alpha_warmup_epochs) * steps_per_epoch

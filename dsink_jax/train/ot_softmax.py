@@ -22,8 +22,6 @@ to re-solve, the SupCon weight and temperature, the inference rule.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -180,6 +178,3 @@ def ot_softmax_predict(state: TrainState, images: jax.Array, *, method: step_lib
     return ot_dynamic_softmax_logits(features, class_weights(state.params), heights,
                                      scale=options.scale)
 
-
-def describe(options: OTSoftmaxOptions) -> dict[str, Any]:
-    return dataclasses.asdict(options)
