@@ -88,7 +88,7 @@ def test_bad_sweep_specs(spec, message):
 def test_bad_dsink_options_fail_before_training(tmp_path):
     config = dsink_smoke_config()
     config.dsink.epsilon = 0.0
-    with pytest.raises(configs.ConfigError, match="dsink.epsilon=0.0 must be > 0"):
+    with pytest.raises(configs.ConfigError, match="dsink.epsilon=0.0 must be >= 0.0001"):
         pipelines.run(config, str(tmp_path))
     assert not os.listdir(tmp_path)
 
