@@ -75,8 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # On the 8x8 digits the small models train in seconds; these replace the preset's values.
 DIGITS_OVERRIDES: dict[str, dict[str, Any]] = {
     "paper": dict(model="cnn", width=1.0, batch_size=64),
-    "cpu": dict(model="mlp", width=1.0, epochs=40, batch_size=64, learning_rate=0.05,
-                eval_every_epochs=10, checkpoint_every_epochs=10),
+    "cpu": dict(model="mlp", width=1.0, epochs=100, batch_size=64, learning_rate=0.05,
+                eval_every_epochs=20, checkpoint_every_epochs=20),
     "smoke": dict(model="mlp", width=0.5, epochs=2, batch_size=64),
 }
 
@@ -314,7 +314,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 DSINK_ARGS: dict[str, Any] = {
     **COMMON_ARGS,
-    "alpha": 5.0,
+    "alpha": 2.0,
     "epsilon": 2.0,
     "class_mass": "batch",
     "imbalance_loss": "la",

@@ -2,13 +2,14 @@ r"""Family `dsink`: CE baseline, imbalance-robust f_L, noise-robust f_N, then th
 
 Arguments (after the colon): those of `baseline.py` (dataset, imbalance, profile, noise,
 noise_rate, loss = the baseline stage's loss, model, preset, seed) plus alpha (D-SINK weight,
-default 5), epsilon (default 2, the paper's), class_mass (batch | global), imbalance_loss
+default 2), epsilon (default 2, the paper's), class_mass (batch | global), imbalance_loss
 (default la), noise_loss (default gce), num_iters (Sinkhorn iterations, default 50).
 
-Offline default, the README's main job (about 2-3 minutes on 2 CPU cores):
+Offline default, the README's main job (about 35-60 s on 2 CPU cores):
   python experiments/main.py --config=experiments/configs/dsink.py --workdir=runs/dsink_digits
-  Prints the table (digits, ratio 10, sym noise 0.2; 4 stages of an MLP). See README for the
-  figures measured; expect the student at or above the best auxiliary on few-shot accuracy.
+  Prints the table (digits, ratio 10, sym noise 0.2; 4 stages of an MLP, 100 epochs each).
+  Measured: CE 90.4, f_L (LA) 91.3, f_N (GCE) 80.9, student 91.8 % test accuracy (few-shot:
+  70.5, 82.9, 16.3, 75.1); the student beats every auxiliary overall, not f_L on few-shot.
 
 CIFAR-10-LT ratio 100, sym noise 0.4, `cpu` preset (4 stages of ~5 minutes):
   python experiments/main.py \
