@@ -180,23 +180,35 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
                          identity: dict, **train_kwargs) -> tuple[dict, Any]:
     """Trains a stage, or reuses it when `stage_dir` holds a finished run of the same identity.
 
-    A finished stage has `results.json` with the same `identity` and a final checkpoint; its
-    state is restored from the checkpoint. An unfinished stage resumes from its checkpoints.
+    `stage_dir/identity.json` records what the stage is (data, model, optimizer, seed, loss and
+    its options) when it starts. A finished stage (`results.json`, final checkpoint) of the same
+    identity is reused, its state restored from the checkpoint; an unfinished one resumes from
+    its checkpoints. A stage of another identity (a changed config) is removed and retrained,
+    so a resume never continues someone else's run.
     """
+    identity = json.loads(json.dumps(identity))  # as it reads back from JSON
+    identity_path = os.path.join(stage_dir, "identity.json")
     results_path = os.path.join(stage_dir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            previous = json.load(f)
-        if previous.get("identity") == json.loads(json.dumps(identity)):
+    if os.path.exists(stage_dir):
+        previous_identity = None
+        if os.path.exists(identity_path):
+            with open(identity_path) as f:
+                previous_identity = json.load(f)
+        if previous_identity != identity:
+            print(f"[{name}] {stage_dir} holds a stage of another configuration: retraining")
+            if parallel.is_writer():
+                shutil.rmtree(stage_dir)
+        elif os.path.exists(results_path):
             template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
                                            training_set.x_train[:1])
             restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                     keep=config.keep_checkpoints).restore_latest(template)
             if restored is not None and restored[1] == config.optim.epochs:
                 print(f"[{name}] reusing the finished stage in {stage_dir}")
-                return previous, restored[0]
-        # A different configuration: start this stage afresh.
-        shutil.rmtree(stage_dir)
+                with open(results_path) as f:
+                    return json.load(f), restored[0]
+    loop.ensure_writable_dir(stage_dir)
+    loop.write_json(identity_path, identity)
     results, state = loop.train(config, stage_dir, training_set=training_set, method=method,
                                 name=name, **train_kwargs)
     results["identity"] = identity

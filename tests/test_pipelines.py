@@ -115,3 +115,16 @@ def test_bad_ot_softmax_options_fail_before_training(tmp_path):
     config.ot_softmax.temperature = 0.0
     with pytest.raises(configs.ConfigError, match="ot_softmax.temperature=0.0 must be > 0"):
         pipelines.run(config, str(tmp_path))
+
+
+def test_a_changed_config_never_resumes_an_old_stage(tmp_path, capsys):
+    config = dsink_smoke_config()
+    config.optim.epochs = 1
+    pipelines.run_baseline(config, str(tmp_path))
+    changed = dsink_smoke_config()
+    changed.optim.epochs = 1
+    changed.optim.learning_rate = 0.01
+    pipelines.run_baseline(changed, str(tmp_path))
+    assert "holds a stage of another configuration: retraining" in capsys.readouterr().out
+    stage = json.loads(open(os.path.join(tmp_path, "ce", "results.json")).read())
+    assert stage["config"]["optim"]["learning_rate"] == 0.01

@@ -172,7 +172,6 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     if batch_size > num_train:
         raise ValueError(f"optim.batch_size={batch_size} is larger than the training set "
                          f"({num_train} examples); allowed: 1..{num_train}")
-    steps_per_epoch = num_train // batch_size
     epochs = config.optim.epochs
 
     if step_fn is None:
@@ -226,6 +225,7 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     bar = tqdm.tqdm(total=epochs, initial=start_epoch, desc=name, unit="epoch",
                     disable=not interactive, dynamic_ncols=True)
     timed_images, timed_seconds = 0, 0.0
+    final = None  # the evaluation after the last epoch
     try:
         for epoch in range(start_epoch, epochs):
             order = epoch_batches(config.seed, epoch, num_train, batch_size)
@@ -249,6 +249,8 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
                       "images_per_sec": counted * batch_size / max(seconds, 1e-9)}
             if done % config.eval_every_epochs == 0 or done == epochs:
                 evaluation = evaluate(state)
+                if done == epochs:
+                    final = evaluation
                 record.update({k: v for k, v in evaluation.items()
                                if isinstance(v, (int, float)) or v is None})
                 if epoch_hook is not None:
@@ -267,7 +269,8 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
         bar.close()
         log.close()
 
-    final = evaluate(state)
+    if final is None:  # resumed from the final checkpoint: nothing was trained here
+        final = evaluate(state)
     results = {
         "name": name,
         **final,
