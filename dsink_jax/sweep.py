@@ -30,7 +30,6 @@ from dsink_jax import configs as configs_lib
 from dsink_jax import pipelines
 from dsink_jax.data import epoch_batches
 from dsink_jax.train import loop
-from dsink_jax.train import metrics as metrics_lib
 from dsink_jax.train import parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
@@ -156,9 +155,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
 
     ts = training_set
     num_train, batch_size = ts.x_train.shape[0], config.optim.batch_size
-    if batch_size > num_train:
-        raise ValueError(f"optim.batch_size={batch_size} is larger than the training set "
-                         f"({num_train} examples); allowed: 1..{num_train}")
+    loop.check_batch_fits(batch_size, num_train)
     epochs = config.optim.epochs
     # The same data-parallel layout as a single run (dsink_jax.train.parallel).
     mesh = parallel.make_mesh(config.num_devices)
@@ -214,12 +211,8 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
                                             eval_batch_size, put=put)
     rows = []
     for i, member in enumerate(members):
-        summary = metrics_lib.classification_summary(
-            test_logits[:, i].argmax(-1), ts.y_test, ts.class_counts,
-            many_threshold=config.data.many_shot_threshold,
-            few_threshold=config.data.few_shot_threshold)
-        summary["correction_rate"] = metrics_lib.correction_rate(
-            train_logits[:, i].argmax(-1), ts.clean_labels, ts.noisy_labels)
+        summary = loop.summarise_predictions(test_logits[:, i].argmax(-1),
+                                             train_logits[:, i].argmax(-1), ts, config)
         params_i = jax.tree.map(lambda x: x[i], states.params)
         result = {**member, **summary, "diverged": bool(diverged[i]),
                   "params_fingerprint": step_lib.params_fingerprint(params_i)}

@@ -125,6 +125,31 @@ class _MetricsLog:
             self._tb.close()
 
 
+def check_batch_fits(batch_size: int, num_train: int) -> None:
+    """Raises before any work when a batch would not fit in the training set."""
+    if batch_size > num_train:
+        raise ValueError(f"optim.batch_size={batch_size} is larger than the training set "
+                         f"({num_train} examples); allowed: 1..{num_train}")
+
+
+def summarise_predictions(test_predictions: np.ndarray, train_predictions: np.ndarray | None,
+                          training_set: TrainingSet, config) -> dict:
+    """Test accuracies (overall, shot groups, per class) and the noisy-label correction rate.
+
+    Args:
+      test_predictions: int [N_test] predicted classes on the clean test set.
+      train_predictions: int [N_train] predicted classes on the training images, or None when
+        no training label is corrupted (the correction rate is then None).
+    """
+    out = metrics_lib.classification_summary(
+        test_predictions, training_set.y_test, training_set.class_counts,
+        many_threshold=config.data.many_shot_threshold,
+        few_threshold=config.data.few_shot_threshold)
+    out["correction_rate"] = (None if train_predictions is None else metrics_lib.correction_rate(
+        train_predictions, training_set.clean_labels, training_set.noisy_labels))
+    return out
+
+
 def _fetch_epoch_metrics(history: list[dict], first_step: int) -> dict[str, float]:
     """Brings an epoch's per-step metrics to host, raising on the first non-finite step."""
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
@@ -169,9 +194,7 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     ts = training_set
     num_train = ts.x_train.shape[0]
     batch_size = config.optim.batch_size
-    if batch_size > num_train:
-        raise ValueError(f"optim.batch_size={batch_size} is larger than the training set "
-                         f"({num_train} examples); allowed: 1..{num_train}")
+    check_batch_fits(batch_size, num_train)
     epochs = config.optim.epochs
 
     if step_fn is None:
@@ -206,19 +229,11 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
         put = functools.partial(parallel.global_batch, mesh=mesh)
         test_logits = step_lib.batched_predict(jit_predict, state, ts.x_test, eval_batch_size,
                                                put=put)
-        test_pred = test_logits.argmax(-1)
-        out = metrics_lib.classification_summary(
-            test_pred, ts.y_test, ts.class_counts,
-            many_threshold=config.data.many_shot_threshold,
-            few_threshold=config.data.few_shot_threshold)
+        train_pred = None
         if ts.is_corrupted.any():
-            train_logits = step_lib.batched_predict(jit_predict, state, ts.x_train,
-                                                    eval_batch_size, put=put)
-            out["correction_rate"] = metrics_lib.correction_rate(
-                train_logits.argmax(-1), ts.clean_labels, ts.noisy_labels)
-        else:
-            out["correction_rate"] = None
-        return out
+            train_pred = step_lib.batched_predict(jit_predict, state, ts.x_train,
+                                                  eval_batch_size, put=put).argmax(-1)
+        return summarise_predictions(test_logits.argmax(-1), train_pred, ts, config)
 
     # A live bar on a terminal; in a log file (no TTY) one line per evaluation instead.
     interactive = bool(config.progress) and sys.stderr.isatty()
