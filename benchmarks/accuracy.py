@@ -1,16 +1,27 @@
-r"""Accuracy benchmark: runs a family's pipeline on several data settings and collects one table.
+r"""Accuracy benchmark: a family's pipeline over data settings, student variants and seeds.
 
-D-SINK, the issue's four CIFAR-10 settings with the `cpu` preset (each setting trains CE, f_L,
-f_N and the student; finished stages are reused when rerun):
-  python benchmarks/accuracy.py --family=dsink --root=runs/accuracy_dsink \
+Every (setting, seed) trains in its own workdir, ROOT/<setting>/seed<k>/. The teachers of the
+`dsink` family live there under their loss's name (`ce/`, `la/`, `gce/`, ...), so every variant
+of the student trained in that workdir reuses them, and another f_N or f_L only adds a stage.
+Each student variant trains in `student_<variant>/`. Finished stages are reused and an
+interrupted one resumes when the same command runs again, so the script is resumable as a
+whole: rerun it after an interruption, or with more variants or seeds.
+
+D-SINK, the four CIFAR-10 settings of the README with the `cpu` preset, two seeds:
+  python benchmarks/accuracy.py --family=dsink --root=runs/accuracy_dsink --seeds=0,1 \
     --data=npz:../shared/data/cifar10.npz \
-    --settings="imbalance=100,noise=sym,noise_rate=0.4;imbalance=10,noise=sym,noise_rate=0.4;imbalance=100,noise=asym,noise_rate=0.2;imbalance=10,noise=imb,noise_rate=0.4"
+    --settings="imbalance=100,noise=sym,noise_rate=0.4;imbalance=100,noise=asym,noise_rate=0.2;imbalance=10,noise=sym,noise_rate=0.4;imbalance=10,noise=imb,noise_rate=0.4"
+An ablation: named student variants, each a list of config overrides (`;` between variants):
+  python benchmarks/accuracy.py --family=dsink --root=runs/ablation \
+    --settings="imbalance=100,noise=sym,noise_rate=0.4" \
+    --variants="batch_ce:dsink.allocation=batch,dsink.base_loss=ce;dataset_la:dsink.allocation=dataset,dsink.base_loss=la"
 OT-dynamic softmax (clean labels and sym 0.2, ratios 100 and 10):
   python benchmarks/accuracy.py --family=ot_softmax --root=runs/accuracy_ots \
-    --data=npz:../shared/data/cifar10.npz \
     --settings="imbalance=100,noise=none;imbalance=10,noise=none;imbalance=100,noise=sym,noise_rate=0.2;imbalance=10,noise=sym,noise_rate=0.2"
 
-Writes ROOT/accuracy.md and ROOT/accuracy.json (every stage of every setting, with wall time).
+Writes ROOT/accuracy.md (per setting: one row per stage, mean +- std over the seeds, the
+student's post-hoc corrections and allocation diagnostics) and ROOT/accuracy.json (every stage
+of every run, with its wall time and the exact overrides), after every finished run.
 
 Shot groups: the library's defaults (many > 100, few < 20 training images) leave CIFAR-10-LT
 without a few-shot group (its smallest class keeps 50 images at ratio 100), so this table also
@@ -24,6 +35,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from dsink_jax import configs, pipelines
 from dsink_jax.train import metrics as metrics_lib
 
@@ -32,12 +45,123 @@ BUILDERS = {
     "dsink": (configs.DSINK_ARGS, configs.build_dsink_config),
     "ot_softmax": (configs.OT_SOFTMAX_ARGS, configs.build_ot_softmax_config),
 }
+GROUPS = ("test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy")
+COLUMNS = GROUPS + ("correction_rate",)
+
+
+def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
+    """`"a:x.y=1,z=2;b:"` -> [("a", {"x.y": "1", "z": "2"}), ("b", {})]."""
+    variants = []
+    for item in [v.strip() for v in spec.split(";") if v.strip()]:
+        name, _, overrides = item.partition(":")
+        name = name.strip()
+        if not name.replace("_", "").isalnum():
+            raise SystemExit(f"--variants: name {name!r} must be letters, digits and _")
+        pairs = {}
+        for pair in [p.strip() for p in overrides.split(",") if p.strip()]:
+            key, eq, value = pair.partition("=")
+            if not eq:
+                raise SystemExit(f"--variants {name}: {pair!r} is not of the form key=value")
+            pairs[key.strip()] = value.strip()
+        variants.append((name, pairs))
+    if len({n for n, _ in variants}) != len(variants):
+        raise SystemExit("--variants: names must be unique")
+    return variants
+
+
+def apply_overrides(config, overrides: dict[str, str]) -> None:
+    """Sets dotted config fields from strings, typed like the field (as `--config.x=y` does)."""
+    for key, text in overrides.items():
+        *path, leaf = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(f"unknown config field {key!r}")
+        current = node[leaf]
+        if isinstance(current, bool):
+            value = text.lower() in ("1", "true")
+        elif isinstance(current, (int, float, str)):
+            value = type(current)(text)
+        else:
+            raise SystemExit(f"config field {key!r} of type {type(current).__name__} cannot be "
+                             "overridden here")
+        node[leaf] = value
 
 
 def regroup(row: dict, class_counts, many: int, few: int) -> dict:
     """The row with many/medium/few recomputed from its per-class accuracies."""
-    return {**row, **metrics_lib.shot_group_accuracies(
+    out = {**row, **metrics_lib.shot_group_accuracies(
         row["per_class_accuracy"], class_counts, many_threshold=many, few_threshold=few)}
+    if row.get("posthoc"):
+        out["posthoc"] = {name: {**p, **metrics_lib.shot_group_accuracies(
+            p["per_class_accuracy"], class_counts, many_threshold=many, few_threshold=few)}
+            for name, p in row["posthoc"].items()}
+    return out
+
+
+def mean_std(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def stage_key(record: dict) -> str:
+    if record["name"] == "student":
+        d = record.get("dsink") or {}
+        return (f"student {record.get('variant') or ''} (f_L {d.get('imbalance_loss')}, "
+                f"f_N {d.get('noise_loss')})").replace("  ", " ")
+    return f"{record['name']} ({record['loss']})"
+
+
+def setting_table(records: list[dict]) -> str:
+    """One row per stage (teachers deduplicated by role and loss), mean ± std over seeds."""
+    by_key: dict[str, list[dict]] = {}
+    for r in records:
+        by_key.setdefault(stage_key(r), [])
+        # A teacher appears once per variant run of a seed: keep one per seed.
+        if all(x["seed"] != r["seed"] for x in by_key[stage_key(r)]):
+            by_key[stage_key(r)].append(r)
+    header = ("| stage | seeds | overall | many | medium | few | corrected | alloc. acc. "
+              "| - log label prior | - log class mass | min/stage |")
+    lines = [header, "|" + "---|" * 11]
+    for key, rows in by_key.items():
+        cells = [key, str(len(rows))] + [mean_std([r.get(c) for r in rows]) for c in COLUMNS]
+        cells.append(mean_std([r.get("allocation_accuracy") for r in rows]))
+        for prior in ("label_prior", "class_mass"):
+            cells.append(mean_std([(r.get("posthoc") or {}).get(prior, {}).get("test_accuracy")
+                                   for r in rows]))
+        minutes = [r["wall_seconds"] / 60 for r in rows if r.get("wall_seconds")]
+        cells.append(f"{np.median(minutes):.1f}" if minutes else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(root: str, header: str, records: list[dict], settings: list[str],
+                  args) -> str:
+    sections = []
+    for setting in settings:
+        rs = [r for r in records if r["setting"] == setting]
+        if not rs:
+            continue
+        sections.append(f"## {setting}\n\nclass counts {rs[0]['class_counts']}; groups: many > "
+                        f"{args.many}, few < {args.few}; accuracies in %, mean ± std over "
+                        f"seeds (std with n - 1)\n\n{setting_table(rs)}\n")
+    variants = sorted({(r.get("variant"), json.dumps(r.get("overrides"))) for r in records
+                       if r.get("variant")})
+    legend = "\n".join(f"- `{v}`: `{o}`" for v, o in variants)
+    markdown = header + "\n".join(sections) + (f"\nStudent variants:\n\n{legend}\n" if legend
+                                                else "")
+    os.makedirs(root, exist_ok=True)
+    for name, text in (("accuracy.md", markdown),
+                       ("accuracy.json", json.dumps(records, indent=2, default=str))):
+        with open(os.path.join(root, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(root, name + ".tmp"), os.path.join(root, name))
+    return markdown
 
 
 def main():
@@ -48,40 +172,68 @@ def main():
     parser.add_argument("--settings", required=True,
                         help="';'-separated config argument strings, one per setting")
     parser.add_argument("--extra", default="", help="config arguments added to every setting")
+    parser.add_argument("--variants", default="",
+                        help="dsink only: ';'-separated NAME:field=value,... student variants")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--root", required=True)
     parser.add_argument("--many", type=int, default=1500, help="many-shot: more images than this")
     parser.add_argument("--few", type=int, default=200, help="few-shot: fewer images than this")
     args = parser.parse_args()
     if not 0 <= args.few <= args.many:
         parser.error(f"need 0 <= --few ({args.few}) <= --many ({args.many})")
+    variants = parse_variants(args.variants) if args.variants else [(None, {})]
+    if args.family != "dsink" and variants != [(None, {})]:
+        parser.error("--variants is for --family=dsink")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds={args.seeds!r} must be comma-separated integers")
 
     defaults, build = BUILDERS[args.family]
-    sections, records = [], []
-    for setting in [s for s in args.settings.split(";") if s.strip()]:
-        arg = ",".join(x for x in (f"dataset={args.data}", f"preset={args.preset}", setting,
-                                   args.extra) if x)
-        config = build(configs.parse_arg_string(arg, defaults))
-        workdir = os.path.join(args.root, setting.replace(",", "_").replace("=", "-"))
-        print(f"=== {args.family}: {setting} -> {workdir}", file=sys.stderr, flush=True)
+    settings = [s.strip() for s in args.settings.split(";") if s.strip()]
+    # Every config is built and checked before the first stage trains.
+    runs = []
+    for setting in settings:
+        for seed in seeds:
+            for variant, overrides in variants:
+                arg = ",".join(x for x in (f"dataset={args.data}", f"preset={args.preset}",
+                                           setting, args.extra, f"seed={seed}") if x)
+                config = build(configs.parse_arg_string(arg, defaults))
+                apply_overrides(config, overrides)
+                if variant is not None:
+                    config.dsink.stage_name = f"student_{variant}"
+                configs.validate_config(config)
+                if args.family == "dsink":
+                    configs.validate_dsink_config(config)
+                workdir = os.path.join(args.root, setting.replace(",", "_").replace("=", "-"),
+                                       f"seed{seed}")
+                runs.append((setting, seed, variant, overrides, config, workdir))
+
+    header = (f"# Accuracy: {args.family}, preset {args.preset}, {args.data}\n\n"
+              f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n")
+    records = []
+    for i, (setting, seed, variant, overrides, config, workdir) in enumerate(runs, 1):
+        print(f"=== [{i}/{len(runs)}] {args.family}: {setting}, seed {seed}, variant {variant} "
+              f"-> {workdir}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         summary = pipelines.run(config, workdir)
         seconds = time.perf_counter() - start
         with open(os.path.join(workdir, "results.json")) as f:
             counts = json.load(f)["data"]["class_counts"]
-        regrouped = [regroup(row, counts, args.many, args.few) for row in summary["stages"]]
-        sections.append(
-            f"## {setting}\n\nclass counts {counts}; groups: many > {args.many}, "
-            f"few < {args.few}\n\n{pipelines.results_table(regrouped)}\n\n"
-            f"wall time {seconds / 60:.1f} min (a reused stage takes ~0)\n")
-        records.append({"setting": setting, "seconds": seconds, "class_counts": counts,
-                        "stages": regrouped})
-    markdown = f"# Accuracy: {args.family}, preset {args.preset}, {args.data}\n\n" + "\n".join(
-        sections)
-    os.makedirs(args.root, exist_ok=True)
-    with open(os.path.join(args.root, "accuracy.md"), "w") as f:
-        f.write(markdown)
-    with open(os.path.join(args.root, "accuracy.json"), "w") as f:
-        json.dump(records, f, indent=2, default=str)
+        for row in summary["stages"]:
+            stage_dir = os.path.join(workdir, config.dsink.stage_name if (
+                row["name"] == "student") else row["loss"])
+            results_path = os.path.join(stage_dir, "results.json")
+            wall = None
+            if os.path.exists(results_path):
+                with open(results_path) as f:
+                    wall = json.load(f).get("wall_seconds")
+            records.append({**regroup(row, counts, args.many, args.few), "setting": setting,
+                            "seed": seed, "variant": variant if row["name"] == "student" else None,
+                            "overrides": overrides if row["name"] == "student" else None,
+                            "class_counts": counts, "wall_seconds": wall,
+                            "run_seconds": seconds})
+        markdown = write_outputs(args.root, header, records, settings, args)
     print(markdown)
 
 

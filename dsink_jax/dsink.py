@@ -22,9 +22,11 @@ import optax
 from dsink_jax.ot.sinkhorn import (_is_concrete, _validate_options,
                                    sinkhorn_allocation)
 
-__all__ = ["BASE_LOSSES", "dsink_loss", "global_class_mass"]
+__all__ = ["BASE_LOSSES", "dsink_loss", "distillation_terms", "global_class_mass"]
 
-BASE_LOSSES = ("ce", "none")
+# L_base: "ce" on the given labels, "la" the logit-adjusted CE (the imbalance-robust loss, with
+# the given-label prior), "none" (the D-SINK term alone).
+BASE_LOSSES = ("ce", "la", "none")
 
 
 def global_class_mass(imbalance_teacher_logits_all: jax.Array) -> jax.Array:
@@ -62,7 +64,7 @@ def _check_logits(name, logits, expected_shape):
 
 def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
               labels, alpha, epsilon, class_mass, num_iters, backend,
-              base_loss):
+              base_loss, label_prior=None):
     """Raises ValueError/TypeError before any computation (trace time)."""
     if base_loss not in BASE_LOSSES:
         raise ValueError(
@@ -77,9 +79,21 @@ def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
                 "'global' mode); got class_mass=None.")
     else:
         _check_logits("imbalance_teacher_logits", imbalance_teacher_logits, shape)
-    if base_loss == "ce":
+    if base_loss == "la":
+        if label_prior is None:
+            raise ValueError("base_loss='la' needs label_prior (the [C] given-label "
+                             "distribution); got label_prior=None.")
+        if jnp.shape(label_prior) != shape[1:]:
+            raise ValueError(f"label_prior has shape {jnp.shape(label_prior)}; expected "
+                             f"({shape[1]},).")
+        if _is_concrete(label_prior):
+            prior = np.asarray(label_prior, np.float64)
+            if not (np.all(np.isfinite(prior)) and np.all(prior > 0)
+                    and abs(prior.sum() - 1.0) < 1e-4):
+                raise ValueError(f"label_prior={prior} must be > 0 and sum to 1.")
+    if base_loss in ("ce", "la"):
         if labels is None:
-            raise ValueError("labels=None needs base_loss='none'; base_loss='ce'.")
+            raise ValueError(f"labels=None needs base_loss='none'; base_loss={base_loss!r}.")
         if jnp.shape(labels) != shape[:1]:
             raise ValueError(
                 f"labels has shape {jnp.shape(labels)}; expected ({shape[0]},).")
@@ -116,6 +130,8 @@ def dsink_loss(
     num_iters: int = 50,
     backend: str = "native",
     base_loss: str = "ce",
+    label_prior: jax.Array | None = None,
+    la_tau: float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """D-SINK loss of one batch: mean of base + alpha * soft CE to Q.
 
@@ -138,8 +154,11 @@ def dsink_loss(
         :func:`global_class_mass`).
       num_iters: Sinkhorn iterations (static int >= 1).
       backend: "native" or "ott", see :func:`sinkhorn_allocation`.
-      base_loss: "ce" (cross-entropy on ``labels``) or "none" (D-SINK term
-        only).
+      base_loss: "ce" (cross-entropy on ``labels``), "la" (logit-adjusted
+        cross-entropy ``CE(s + la_tau * log label_prior, y)``, the imbalance-robust
+        base) or "none" (D-SINK term only).
+      label_prior: [C] given-label distribution, for ``base_loss="la"``.
+      la_tau: temperature of the "la" base loss.
 
     Returns:
       ``(loss, aux)``: ``loss`` [] the batch mean of ``aux["per_example"]``;
@@ -158,11 +177,12 @@ def dsink_loss(
       ValueError, TypeError: on bad shapes, options or (concrete) values.
     """
     _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
-              labels, alpha, epsilon, class_mass, num_iters, backend, base_loss)
+              labels, alpha, epsilon, class_mass, num_iters, backend, base_loss,
+              label_prior)
     return _dsink_loss(student_logits, noise_teacher_logits,
                        imbalance_teacher_logits, labels, alpha, epsilon,
-                       class_mass, num_iters=num_iters, backend=backend,
-                       base_loss=base_loss)
+                       class_mass, label_prior, la_tau, num_iters=num_iters,
+                       backend=backend, base_loss=base_loss)
 
 
 # Jitted so that eager calls (tests, notebooks) compile once per shape rather
@@ -172,7 +192,7 @@ def dsink_loss(
                    static_argnames=("num_iters", "backend", "base_loss"))
 def _dsink_loss(student_logits, noise_teacher_logits,
                 imbalance_teacher_logits, labels, alpha, epsilon, class_mass,
-                *, num_iters, backend, base_loss):
+                label_prior, la_tau, *, num_iters, backend, base_loss):
     """The computation of :func:`dsink_loss`, on validated inputs."""
     student_logits = jnp.asarray(student_logits).astype(jnp.float32)
     noise_log_probs = jax.nn.log_softmax(
@@ -188,28 +208,59 @@ def _dsink_loss(student_logits, noise_teacher_logits,
     allocation, info = sinkhorn_allocation(
         noise_log_probs, student_log_probs, class_mass, epsilon=epsilon,
         num_iters=num_iters, backend=backend, return_info=True)
-    # Already stopped inside the solver; restated because the bi-level scheme
-    # depends on Q being a constant target.
-    allocation = jax.lax.stop_gradient(allocation)
+    aux = distillation_terms(student_logits, allocation, labels, alpha=alpha,
+                             base_loss=base_loss, label_prior=label_prior,
+                             la_tau=la_tau)
+    aux.update(class_mass=class_mass, marginal_error=info.column_error)
+    return jnp.mean(aux["per_example"]), aux
 
+
+def distillation_terms(student_logits: jax.Array, allocation: jax.Array,
+                       labels: jax.Array | None, *, alpha: float | jax.Array,
+                       base_loss: str = "ce", label_prior: jax.Array | None = None,
+                       la_tau: float | jax.Array = 1.0) -> dict[str, jax.Array]:
+    """Per-example D-SINK terms for a given allocation: base + alpha * CE(q_i, f(x_i)).
+
+    The one place the student's loss is assembled, whichever way Q was found
+    (per-batch Sinkhorn in :func:`dsink_loss`, a carried class potential or a
+    dataset-level solve looked up by index in the training objective).
+
+    Args:
+      student_logits: [B, C].
+      allocation: [B, C] target Q (rows on the simplex); gradient stopped here.
+      labels: [B] int given labels (unused with ``base_loss="none"``).
+      alpha: weight of the soft-label term.
+      base_loss: one of :data:`BASE_LOSSES`.
+      label_prior: [C] given-label distribution for ``base_loss="la"``.
+      la_tau: temperature of the "la" base loss.
+
+    Returns:
+      {"base" [B], "distill" [B], "per_example" [B], "allocation" [B, C],
+       "allocation_entropy" [], "finite" []}.
+    """
+    student_logits = jnp.asarray(student_logits).astype(jnp.float32)
+    # The bi-level scheme depends on Q being a constant target.
+    allocation = jax.lax.stop_gradient(jnp.asarray(allocation, jnp.float32))
     distill = optax.losses.softmax_cross_entropy(student_logits, allocation)
     if base_loss == "ce":
         base = optax.losses.softmax_cross_entropy_with_integer_labels(
             student_logits, jnp.asarray(labels))
-    else:
+    elif base_loss == "la":
+        shift = la_tau * jnp.log(jnp.asarray(label_prior, jnp.float32))
+        base = optax.losses.softmax_cross_entropy_with_integer_labels(
+            student_logits + shift, jnp.asarray(labels))
+    elif base_loss == "none":
         base = jnp.zeros_like(distill)
+    else:
+        raise ValueError(f"base_loss={base_loss!r}; allowed values: {BASE_LOSSES}.")
     per_example = base + jnp.asarray(alpha, jnp.float32) * distill
-    loss = jnp.mean(per_example)
-    aux = {
+    return {
         "base": base,
         "distill": distill,
         "per_example": per_example,
         "allocation": allocation,
-        "class_mass": class_mass,
-        "marginal_error": info.column_error,
         "allocation_entropy": jnp.mean(
             jnp.sum(jax.scipy.special.entr(allocation), axis=-1)),
         "finite": jnp.logical_and(jnp.all(jnp.isfinite(per_example)),
                                   jnp.all(jnp.isfinite(allocation))),
     }
-    return loss, aux

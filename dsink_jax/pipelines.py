@@ -24,7 +24,8 @@ from dsink_jax.models import get_model
 from dsink_jax.train import loop, optim, parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
-from dsink_jax.train.objectives import (LOSS_KIND, Objective, make_dsink_objective,
+from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, LOSS_KIND, Objective,
+                                        dataset_allocation_refresh, make_dsink_objective,
                                         make_objective)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -216,54 +217,121 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
     return results, state
 
 
+TEACHER_ROLES = (("baseline", "baseline_loss"), ("imbalance_teacher", "imbalance_loss"),
+                 ("noise_teacher", "noise_loss"))
+
+
 def train_teachers(config, workdir: str, training_set) -> dict:
     """Trains (or reuses) the CE baseline and the two auxiliaries of the `dsink` family.
 
+    Each stage lives in `workdir/<loss>/`, named by its loss, so that trying another f_N or f_L
+    in the same workdir adds a stage instead of replacing one. `dsink.baseline_loss="none"`
+    skips the reference stage (it does not feed the student).
+
     Returns:
       {"rows": table rows, "curves": correction-rate curves, "objective": the student's bound
-       D-SINK objective, "teacher_models": (f_N, f_L) modules, "teacher_variables": their frozen
-       variables, "fingerprints": the teachers' parameter hashes}.
+       D-SINK objective, "teacher_models" / "teacher_variables": the frozen modules and
+       variables whose logits the student's step needs (per `dsink.allocation`),
+       "refresh_extra": the loop hook of the "dataset" allocation (else None), "class_mass":
+       the training-set class mass of f_L (None in the "batch" mode with `class_mass=batch`),
+       "stage_variables": {role: (model, variables)}, "fingerprints": the teachers' parameter
+       hashes}.
     """
     d = config.dsink
-    rows, curves, stage_states = [], {}, {}
-    for stage, loss in (("baseline", d.baseline_loss), ("imbalance_teacher", d.imbalance_loss),
-                        ("noise_teacher", d.noise_loss)):
+    rows, curves, stages = [], {}, {}
+    for role, field in TEACHER_ROLES:
+        loss = d[field]
+        if loss == "none":
+            continue
         method = build_method(config, training_set, loss=loss)
-        stage_dir = os.path.join(workdir, stage)
+        stage_dir = os.path.join(workdir, loss)
         results, state = train_or_reuse_stage(
-            config, stage_dir, training_set=training_set, method=method, name=stage,
+            config, stage_dir, training_set=training_set, method=method, name=role,
             identity=_stage_identity(config, loss))
-        rows.append(_stage_row(stage, loss, results))
-        curves[stage] = plots.read_metric_curve(os.path.join(stage_dir, "metrics.jsonl"),
-                                                "correction_rate")
-        stage_states[stage] = (method.model, state.variables)
+        rows.append(_stage_row(role, loss, results))
+        curves[role] = plots.read_metric_curve(os.path.join(stage_dir, "metrics.jsonl"),
+                                               "correction_rate")
+        stages[role] = (method.model, state.variables)
 
-    noise_model, noise_vars = stage_states["noise_teacher"]
-    imbalance_model, imbalance_vars = stage_states["imbalance_teacher"]
+    noise_model, noise_vars = stages["noise_teacher"]
+    imbalance_model, imbalance_vars = stages["imbalance_teacher"]
     steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    augment = augment_for(config, training_set)
+
+    def train_logits(model, variables):  # eval mode, unaugmented training images
+        predict = jax.jit(lambda v, x: step_lib.predict_logits(v, x, model=model,
+                                                               augment=augment))
+        return step_lib.batched_predict(predict, variables, training_set.x_train,
+                                        config.eval_batch_size)
+
     class_mass = None
-    if d.class_mass == "global":
-        augment = augment_for(config, training_set)
-        predict = jax.jit(lambda v, x: step_lib.predict_logits(
-            v, x, model=imbalance_model, augment=augment))
-        logits = step_lib.batched_predict(predict, imbalance_vars, training_set.x_train,
-                                          config.eval_batch_size)
-        class_mass = np.asarray(global_class_mass(logits))
+    if d.class_mass == "global" or d.allocation != "batch":
+        class_mass = np.asarray(global_class_mass(train_logits(imbalance_model, imbalance_vars)))
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=steps_per_epoch, class_mass=class_mass,
-                                     class_counts=training_set.noisy_class_counts)
+                                     class_counts=training_set.noisy_class_counts,
+                                     la_tau=config.loss_options.la_tau)
+    by_role = {"noise": (noise_model, noise_vars), "imbalance": (imbalance_model, imbalance_vars)}
+    needed = [by_role[r] for r in ALLOCATION_TEACHERS[d.allocation]]
+    refresh = None
+    if d.allocation == "dataset":
+        refresh = dataset_allocation_refresh(
+            d, noise_teacher_logits=train_logits(noise_model, noise_vars), class_mass=class_mass,
+            class_counts=training_set.noisy_class_counts, train_images=training_set.x_train,
+            every_epochs=int(d.refresh_every_epochs))
     return {"rows": rows, "curves": curves, "objective": objective,
-            "teacher_models": (noise_model, imbalance_model),
-            "teacher_variables": (noise_vars, imbalance_vars),
-            "fingerprints": [r["params_fingerprint"] for r in rows[1:]]}
+            "teacher_models": tuple(m for m, _ in needed),
+            "teacher_variables": tuple(v for _, v in needed),
+            "refresh_extra": refresh, "class_mass": class_mass, "stage_variables": stages,
+            "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)
+                             for role in ("imbalance_teacher", "noise_teacher")]}
+
+
+def inference_priors(config, training_set, class_mass: np.ndarray | None) -> dict:
+    """The class priors a post-hoc correction may divide out: {name: [C] or None}.
+
+    "raw": no correction; "label_prior": the given-label distribution; "class_mass": f_L's class
+    mass over the training set (the allocation's class marginal in the dataset modes).
+    """
+    counts = np.maximum(training_set.noisy_class_counts, 1).astype(np.float64)
+    priors = {"raw": None, "label_prior": counts / counts.sum()}
+    if class_mass is not None:
+        priors["class_mass"] = np.asarray(class_mass, np.float64)
+    return priors
+
+
+def posthoc_evaluations(config, training_set, method, state, priors: dict) -> dict:
+    """Test summaries of the final model under each post-hoc correction (logits - log prior).
+
+    One forward pass over the test set; returns {name: {"test_accuracy", "many_shot_accuracy",
+    "medium_shot_accuracy", "few_shot_accuracy", "per_class_accuracy"}}.
+    """
+    mesh = parallel.make_mesh(config.num_devices)
+    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    predict = jax.jit(lambda s, x: step_lib.predict_logits(s.variables, x, model=method.model,
+                                                           augment=method.augment),
+                      in_shardings=(rep, sharded), out_shardings=rep)
+    batch = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
+    logits = step_lib.batched_predict(predict, parallel.replicate(state, mesh),
+                                      training_set.x_test, batch,
+                                      put=functools.partial(parallel.global_batch, mesh=mesh))
+    out = {}
+    for name, prior in priors.items():
+        adjusted = logits if prior is None else logits - np.log(np.maximum(prior, 1e-12))
+        summary = loop.summarise_predictions(adjusted.argmax(-1), None, training_set, config)
+        out[name] = {k: summary[k] for k in ("test_accuracy", "many_shot_accuracy",
+                                             "medium_shot_accuracy", "few_shot_accuracy",
+                                             "per_class_accuracy")}
+    return out
 
 
 def run_dsink(config, workdir: str) -> dict:
     """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (METHOD.md §1).
 
-    Each stage trains in `workdir/<stage>/` with its own checkpoints and `results.json`; a
-    finished stage is reused when the command runs again. The teachers are frozen and passed to
-    the student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
+    Each stage trains in its own directory of `workdir` (teachers under their loss's name, the
+    student under `dsink.stage_name`) with its own checkpoints and `results.json`; a finished
+    stage is reused when the command runs again. The teachers are frozen and passed to the
+    student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
     `workdir/results.md` and `workdir/plots/*.png`; returns the summary.
     """
     check_before_training(config, workdir)
@@ -274,24 +342,38 @@ def run_dsink(config, workdir: str) -> dict:
     rows, curves = teachers["rows"], teachers["curves"]
     method = build_method(config, training_set, objective=teachers["objective"],
                           teacher_models=teachers["teacher_models"])
-    student_dir = os.path.join(workdir, "student")
+    init_variables = None
+    if d.init_from == "imbalance_teacher":
+        init_variables = teachers["stage_variables"]["imbalance_teacher"][1]
+    priors = inference_priors(config, training_set, teachers["class_mass"])
+    shift = (None if priors[d.inference] is None
+             else -np.log(np.maximum(priors[d.inference], 1e-12)).astype(np.float32))
+
+    def predict_fn(state, images):
+        logits = step_lib.predict_logits(state.variables, images, model=method.model,
+                                         augment=method.augment)
+        return logits if shift is None else logits + shift
+
+    student_dir = os.path.join(workdir, d.stage_name)
     identity = {**_stage_identity(config, "dsink"), "dsink": d.to_dict(),
                 "teachers": teachers["fingerprints"]}
-    results, _ = train_or_reuse_stage(
-        config, student_dir, training_set=training_set, method=method, name="student",
-        identity=identity, teacher_variables=teachers["teacher_variables"])
+    results, state = train_or_reuse_stage(
+        config, student_dir, training_set=training_set, method=method, name=d.stage_name,
+        identity=identity, teacher_variables=teachers["teacher_variables"],
+        refresh_extra=teachers["refresh_extra"], init_variables=init_variables,
+        predict_fn=predict_fn)
     student_row = _stage_row("student", "dsink", results)
-    epochs, values = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
-                                             "train_allocation_accuracy")
+    student_row["posthoc"] = posthoc_evaluations(config, training_set, method, state, priors)
+    student_row["dsink"] = d.to_dict()
+    metrics_path = os.path.join(student_dir, "metrics.jsonl")
+    epochs, values = plots.read_metric_curve(metrics_path, "train_allocation_accuracy")
     student_row["allocation_accuracy"] = values[-1] if values else None
-    _, corr = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
-                                      "train_allocation_correction")
+    _, corr = plots.read_metric_curve(metrics_path, "train_allocation_correction")
     student_row["allocation_correction"] = corr[-1] if corr else None
     rows.append(student_row)
-    curves["student"] = plots.read_metric_curve(os.path.join(student_dir, "metrics.jsonl"),
-                                                "correction_rate")
+    curves["student"] = plots.read_metric_curve(metrics_path, "correction_rate")
     curves["student allocation (train, running)"] = plots.read_metric_curve(
-        os.path.join(student_dir, "metrics.jsonl"), "train_allocation_correction")
+        metrics_path, "train_allocation_correction")
 
     plot_dir = os.path.join(workdir, "plots")
     os.makedirs(plot_dir, exist_ok=True)

@@ -35,6 +35,10 @@ from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
 
 SWEEPABLE = ("alpha", "epsilon", "learning_rate", "weight_decay", "seed")
+# Student options the sweep's shared program handles (a dataset-level solve between epochs, a
+# warm start and a post-hoc correction are single-run features of the loop and pipeline).
+SWEEP_SUPPORTS = {"allocation": ("batch", "online"), "init_from": ("scratch",),
+                  "inference": ("raw",)}
 
 
 def parse_sweep(specs: list[str]) -> dict[str, list[float]]:
@@ -145,6 +149,12 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
     configs_lib.validate_dsink_config(config)
     if members_mode not in MEMBER_MODES:
         raise ValueError(f"members_mode={members_mode!r}; allowed: {', '.join(MEMBER_MODES)}")
+    for field, allowed in SWEEP_SUPPORTS.items():
+        value = config.dsink[field]
+        if value not in allowed:
+            raise configs_lib.ConfigError(
+                f"the sweep does not support dsink.{field}={value!r}; allowed here: "
+                f"{', '.join(allowed)} (train such students with experiments/main.py)")
     members = members_of(grid, config)
     training_set = pipelines.prepare_training_set(config)
     teachers = pipelines.train_teachers(config, workdir, training_set)

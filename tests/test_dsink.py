@@ -11,7 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from dsink_jax.dsink import dsink_loss, global_class_mass
+import scipy.special
+
+from dsink_jax.dsink import distillation_terms, dsink_loss, global_class_mass
 from dsink_jax.ot.sinkhorn import sinkhorn_allocation
 
 B, C = 12, 4
@@ -142,6 +144,35 @@ def test_base_loss_none_is_distillation_only():
     np.testing.assert_allclose(aux["distill"], aux_ce["distill"], rtol=1e-6)
 
 
+def test_base_loss_la_is_the_logit_adjusted_ce_by_hand():
+    student, noise_teacher, imbalance_teacher, labels = _batch(13)
+    prior = jnp.asarray([0.6, 0.25, 0.1, 0.05])
+    loss, aux = dsink_loss(student, noise_teacher, imbalance_teacher, labels, alpha=2.0,
+                           base_loss="la", label_prior=prior, la_tau=0.5, num_iters=ITERS)
+    adjusted = np.asarray(student, np.float64) + 0.5 * np.log(np.asarray(prior, np.float64))
+    log_p = adjusted - scipy.special.logsumexp(adjusted, axis=1, keepdims=True)
+    np.testing.assert_allclose(aux["base"], -log_p[np.arange(B), np.asarray(labels)], rtol=1e-5)
+    # Only the base term changes: Q and the distillation term are those of base_loss="ce".
+    _, aux_ce = dsink_loss(student, noise_teacher, imbalance_teacher, labels, alpha=2.0,
+                           num_iters=ITERS)
+    np.testing.assert_allclose(aux["allocation"], aux_ce["allocation"], atol=1e-7)
+    np.testing.assert_allclose(aux["distill"], aux_ce["distill"], rtol=1e-6)
+    np.testing.assert_allclose(loss, np.mean(aux["base"] + 2.0 * aux["distill"]), rtol=1e-6)
+    assert not np.allclose(aux["base"], aux_ce["base"])
+
+
+def test_distillation_terms_take_any_allocation():
+    student, _, _, labels = _batch(14)
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(3), (B, C)))
+    aux = distillation_terms(student, q, labels, alpha=1.5)
+    log_p = np.asarray(jax.nn.log_softmax(student), np.float64)
+    np.testing.assert_allclose(aux["distill"], -(np.asarray(q) * log_p).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(aux["per_example"], aux["base"] + 1.5 * aux["distill"], rtol=1e-6)
+    grad_q = jax.grad(lambda q: distillation_terms(student, q, labels, alpha=1.0)[
+        "per_example"].sum())(q)
+    np.testing.assert_array_equal(grad_q, 0.0)  # Q is a target
+
+
 def test_ott_backend_matches_native_under_jit():
     batch = _batch(6)
     native = jax.jit(lambda *a: dsink_loss(*a, alpha=1.0, num_iters=ITERS))
@@ -235,7 +266,12 @@ def test_batch_sharded_over_devices_matches_single_device():
         ({"alpha": 1.0, "num_iters": 0}, ValueError, r"num_iters=0"),
         ({"alpha": 1.0, "backend": "pot"}, ValueError, r"backend='pot'"),
         ({"alpha": 1.0, "base_loss": "gce"}, ValueError,
-         r"base_loss='gce'.*'ce', 'none'"),
+         r"base_loss='gce'.*'ce', 'la', 'none'"),
+        ({"alpha": 1.0, "base_loss": "la"}, ValueError, r"base_loss='la' needs label_prior"),
+        ({"alpha": 1.0, "base_loss": "la", "label_prior": jnp.ones(C)}, ValueError,
+         r"label_prior=.*sum to 1"),
+        ({"alpha": 1.0, "base_loss": "la", "label_prior": jnp.ones(3) / 3}, ValueError,
+         r"label_prior has shape \(3,\)"),
         ({"alpha": 1.0, "class_mass": jnp.ones(C)}, ValueError,
          r"class_mass sums to 4"),
         ({"alpha": 1.0, "class_mass": jnp.ones(3) / 3}, ValueError,

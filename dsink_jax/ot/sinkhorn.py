@@ -40,7 +40,8 @@ import numpy as np
 
 from dsink_jax._checks import is_concrete as _is_concrete
 
-__all__ = ["SinkhornInfo", "sinkhorn_allocation", "BACKENDS"]
+__all__ = ["SinkhornInfo", "sinkhorn_allocation", "allocation_from_potential",
+           "class_potential_step", "BACKENDS"]
 
 BACKENDS = ("native", "ott")
 
@@ -280,3 +281,61 @@ def _solve(noise_log_probs, student_log_probs, class_mass, epsilon, *,
         potential=jnp.where(has_mass, potential - centre, -jnp.inf),
     )
     return plan, info
+
+
+def allocation_from_potential(noise_log_probs: jax.Array, student_log_probs: jax.Array,
+                              potential: jax.Array, *,
+                              epsilon: float | jax.Array = 2.0) -> jax.Array:
+    """The closed form of the allocation for a given class potential.
+
+    ``Q_i = softmax((noise_log_probs_i + student_log_probs_i) / epsilon + potential)``: the rows
+    of the entropic plan once ``potential`` (``g`` of the module docstring) is known. With the
+    ``g`` Sinkhorn finds over a set of samples it is that set's allocation; with a ``g`` carried
+    across batches (:func:`class_potential_step`) it is an allocation over the whole stream.
+
+    Args:
+      noise_log_probs: [B, C] log-probabilities of ``f_N``.
+      student_log_probs: [B, C] log-probabilities of the student.
+      potential: [C] class potential in logit units.
+      epsilon: entropic regularisation (> 0).
+
+    Returns:
+      Q [B, C] float32, rows on the simplex; no gradient flows to any input.
+    """
+    noise_log_probs, student_log_probs, potential, epsilon = (
+        jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+        for x in (noise_log_probs, student_log_probs, potential, epsilon))
+    return jax.nn.softmax((noise_log_probs + student_log_probs) / epsilon + potential, axis=-1)
+
+
+def class_potential_step(potential: jax.Array, allocation: jax.Array, class_mass: jax.Array, *,
+                         learning_rate: float | jax.Array) -> jax.Array:
+    """One stochastic dual-ascent step on the class potential towards a target class mass.
+
+    ``g <- g + lr * (log m - log mean_i Q_i)``, then mean-centred over classes with mass. With
+    ``lr = 1`` and the whole dataset as the batch this is exactly Sinkhorn's column update in the
+    closed form (the next :func:`allocation_from_potential` then has column mass ``m`` up to the
+    change of the row normalisers); with mini-batches and ``lr < 1`` it averages the batches'
+    column errors, so the potential tracks the allocation of the whole training stream (the
+    stated ``Q 1_N = sum_i f_L(x_i)``) in O(C) memory and no batch is forced to match ``m``.
+
+    Args:
+      potential: [C] current potential.
+      allocation: [B, C] the batch's allocation under ``potential``.
+      class_mass: [C] target class mass (sums to 1; zero-mass classes get ``-inf``-like
+        potential through the log, so keep masses > 0 in practice).
+      learning_rate: step size in (0, 1].
+
+    Returns:
+      [C] the new potential (float32, no gradient).
+    """
+    potential, allocation, class_mass = (jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+                                         for x in (potential, allocation, class_mass))
+    tiny = jnp.finfo(jnp.float32).tiny
+    batch_mass = jnp.mean(allocation, axis=0)
+    has_mass = class_mass > 0
+    step = jnp.where(has_mass, jnp.log(jnp.maximum(class_mass, tiny))
+                     - jnp.log(jnp.maximum(batch_mass, tiny)), 0.0)
+    new = potential + learning_rate * step
+    centre = jnp.sum(jnp.where(has_mass, new, 0.0)) / jnp.maximum(jnp.sum(has_mass), 1)
+    return jnp.where(has_mass, new - centre, -1e9)

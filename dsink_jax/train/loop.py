@@ -171,7 +171,9 @@ def _fetch_epoch_metrics(history: list[dict], first_step: int) -> dict[str, floa
 def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.Method,
           teacher_variables: tuple = (), name: str = "model",
           step_fn: Callable | None = None, predict_fn: Callable | None = None,
-          epoch_hook: Callable[[TrainState, int], dict] | None = None
+          epoch_hook: Callable[[TrainState, int], dict] | None = None,
+          refresh_extra: Callable[..., dict | None] | None = None,
+          init_variables: dict | None = None,
           ) -> tuple[dict, TrainState]:
     """Trains `method` on `training_set`, resuming from `workdir/checkpoints` when possible.
 
@@ -186,10 +188,19 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
         `dsink_jax.train.step.train_step` bound to `method`.
       predict_fn: `(state, uint8 images) -> logits`, jittable; default eval-mode logits.
       epoch_hook: `(state, epoch) -> dict` of extra values to log at each evaluation (host side).
+      refresh_extra: `(state, epoch, predict) -> dict | None`, called before every epoch
+        (host side); the entries it returns replace those of `state.extra` (e.g. D-SINK's
+        dataset-level allocation). `predict(state, uint8 images) -> float [N, C]` runs the
+        jitted, sharded eval forward. It must depend on the state alone, so that a resumed run
+        recomputes the same values.
+      init_variables: Flax variables ("params", optional "batch_stats") to start from instead
+        of a fresh initialisation (a warm start; the optimizer state starts fresh). A resumed
+        run takes its checkpoint instead.
 
     Returns:
       (results, final_state): the results dict also written to `workdir/results.json`.
     """
+    wall_start = time.perf_counter()
     workdir = ensure_writable_dir(workdir)
     ts = training_set
     num_train = ts.x_train.shape[0]
@@ -215,7 +226,11 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     teacher_variables = parallel.replicate(teacher_variables, mesh)
 
     rng = jax.random.PRNGKey(config.seed)
-    state = parallel.replicate(step_lib.init_state(method, rng, ts.x_train[:1]), mesh)
+    state = step_lib.init_state(method, rng, ts.x_train[:1])
+    if init_variables is not None:
+        state = state.replace(params=init_variables["params"],
+                              batch_stats=init_variables.get("batch_stats", {}))
+    state = parallel.replicate(state, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.keep_checkpoints)
     restored = checkpointer.restore_latest(state)
@@ -225,14 +240,13 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
         logging.info("%s: resuming after epoch %d", name, start_epoch)
     log = _MetricsLog(workdir, start_epoch) if parallel.is_writer() else _NullLog()
 
+    def predict(state, images: np.ndarray) -> np.ndarray:
+        return step_lib.batched_predict(jit_predict, state, images, eval_batch_size,
+                                        put=functools.partial(parallel.global_batch, mesh=mesh))
+
     def evaluate(state) -> dict:
-        put = functools.partial(parallel.global_batch, mesh=mesh)
-        test_logits = step_lib.batched_predict(jit_predict, state, ts.x_test, eval_batch_size,
-                                               put=put)
-        train_pred = None
-        if ts.is_corrupted.any():
-            train_pred = step_lib.batched_predict(jit_predict, state, ts.x_train,
-                                                  eval_batch_size, put=put).argmax(-1)
+        test_logits = predict(state, ts.x_test)
+        train_pred = predict(state, ts.x_train).argmax(-1) if ts.is_corrupted.any() else None
         return summarise_predictions(test_logits.argmax(-1), train_pred, ts, config)
 
     # A live bar on a terminal; in a log file (no TTY) one line per evaluation instead.
@@ -243,6 +257,11 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     final = None  # the evaluation after the last epoch
     try:
         for epoch in range(start_epoch, epochs):
+            if refresh_extra is not None:
+                new_extra = refresh_extra(state, epoch, predict)
+                if new_extra:
+                    state = state.replace(
+                        extra={**state.extra, **parallel.replicate(new_extra, mesh)})
             order = epoch_batches(config.seed, epoch, num_train, batch_size)
             history = []
             first_step = int(state.step)
@@ -296,6 +315,9 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
         "steps": int(state.step),
         "epochs": epochs,
         "params_fingerprint": step_lib.params_fingerprint(state.params),
+        # This process's wall time (set-up, training, evaluations); a resumed run counts only
+        # the part after its restart.
+        "wall_seconds": time.perf_counter() - wall_start,
         "config": config.to_dict(),
     }
     write_json(os.path.join(workdir, "results.json"), results)

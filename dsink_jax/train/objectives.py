@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsink_jax import losses
-from dsink_jax.dsink import dsink_loss
+from dsink_jax import losses, ot
+from dsink_jax.dsink import distillation_terms, dsink_loss
 
 LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr")
 # What each loss is robust to; used by docs and result tables.
@@ -33,6 +33,8 @@ LOSS_KIND = {
     "sce": "noise",
     "elr": "noise",
 }
+# The model head each loss trains (LDAM's margins are on cosine logits).
+LOSS_HEADS = {name: "cosine" if name == "ldam_drw" else "linear" for name in LOSS_NAMES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,7 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
             loss = losses.ldam_loss(logits, labels, margins=margins, scale=scale,
                                     class_weights=w)
             return loss, extra, {}
-        return Objective(name, ldam, _no_extra, head="cosine")
+        return Objective(name, ldam, _no_extra, head=LOSS_HEADS[name])
     # ELR: per-sample target memory carried in the training state.
     lam, beta = float(options.elr_lambda), float(options.elr_beta)
 
@@ -136,66 +138,156 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
 
 
 CLASS_MASS_MODES = ("batch", "global")
+# Granularity of the D-SINK allocation (docs/method notes, "Granularity of Q"):
+#   "batch":   Sinkhorn over each mini-batch, both teachers run on every step (class mass per
+#              `class_mass`);
+#   "dataset": Sinkhorn over all N training samples every `refresh_every_epochs` epochs
+#              (teachers once, on unaugmented images; the student's logits from the epoch just
+#              finished); each step looks its targets up by index;
+#   "online":  the closed form softmax((z_N + z) / epsilon + g) with the class potential g (C
+#              numbers) carried in the state and moved every step by stochastic dual ascent
+#              towards the training-set class mass; f_N runs on every step, f_L never.
+ALLOCATIONS = ("batch", "dataset", "online")
+# Which teachers' logits the step hands the objective, per allocation mode.
+ALLOCATION_TEACHERS = {"batch": ("noise", "imbalance"), "dataset": (), "online": ("noise",)}
 
 
 def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_epoch: int,
                          class_mass: np.ndarray | None = None,
-                         class_counts: np.ndarray | None = None) -> Objective:
-    """The D-SINK student objective: base CE + alpha * soft CE to the Sinkhorn allocation.
+                         class_counts: np.ndarray | None = None,
+                         la_tau: float = 1.0) -> Objective:
+    """The D-SINK student objective: base loss + alpha * soft CE to the allocation Q.
 
-    The teachers' logits arrive as `teacher_logits = (noise_teacher, imbalance_teacher)`. alpha
-    and epsilon are read from `extra["hparams"]` when present (a vmapped sweep stores one value
-    per member there), else from `options`.
+    The teachers' logits arrive as `teacher_logits`, in the order of
+    `ALLOCATION_TEACHERS[options.allocation]`. alpha and epsilon are read from `extra["hparams"]`
+    when present (a vmapped sweep stores one value per member there), else from `options`.
 
     Args:
-      options: `config.dsink`: alpha, epsilon, num_iters, backend, base_loss,
-        alpha_warmup_epochs (alpha ramps linearly from 0 over these epochs; 0 = off).
+      options: `config.dsink`: alpha, epsilon, num_iters, backend, base_loss, allocation,
+        potential_learning_rate, alpha_warmup_epochs (alpha ramps linearly from 0 over these
+        epochs; 0 = off), student_logit_adjustment.
       clean_labels: int [N] true training labels, only for the diagnostics "allocation_accuracy"
         (argmax q_i equals the clean label) and "allocation_correction" (the same, among
         mislabelled samples); they never enter the loss.
       steps_per_epoch: for the alpha warm-up.
-      class_mass: None for the "batch" mode (f_L's mean probability over the batch), or the
-        [C] "global" class mass (f_L's mean over the training set, computed once).
-      class_counts: int [C] given-label counts, needed when `options.student_logit_adjustment`
-        (tau, ours, 0 = off) is set: the student's logits enter the loss (both terms and the
-        allocation cost) as `logits + tau * log prior`, as in the logit-adjusted loss, so its raw
-        logits used at test time are balanced.
+      class_mass: None for the "batch" mode with f_L's batch mean, else the [C] class mass over
+        the training set (required by the "dataset" and "online" allocations).
+      class_counts: int [C] given-label counts: the label prior of `base_loss="la"` and of
+        `student_logit_adjustment` (tau, ours, 0 = off: the student's logits enter the loss,
+        both terms and the allocation cost, as `logits + tau * log prior`).
+      la_tau: temperature of the "la" base loss.
     """
+    allocation = str(options.allocation)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    if allocation != "batch" and class_mass is None:
+        raise ValueError(f"allocation={allocation!r} needs the training-set class_mass")
     clean = jnp.asarray(clean_labels, jnp.int32)
+    num_train = int(clean.shape[0])
     mass = None if class_mass is None else jnp.asarray(class_mass, jnp.float32)
     warmup_steps = float(options.alpha_warmup_epochs) * steps_per_epoch
     num_iters, backend, base = int(options.num_iters), str(options.backend), str(options.base_loss)
     tau = float(options.student_logit_adjustment)
-    if tau and class_counts is None:
-        raise ValueError("student_logit_adjustment needs class_counts")
-    shift = (tau * jnp.log(jnp.asarray(np.maximum(class_counts, 1) / np.maximum(class_counts, 1).sum(),
-                                       jnp.float32)) if tau else 0.0)
+    if (tau or base == "la") and class_counts is None:
+        raise ValueError("student_logit_adjustment and base_loss='la' need class_counts")
+    prior = (None if class_counts is None else
+             jnp.asarray(np.maximum(class_counts, 1) / np.maximum(class_counts, 1).sum(),
+                         jnp.float32))
+    shift = tau * jnp.log(prior) if tau else 0.0
+    potential_lr = float(options.potential_learning_rate)
 
     def fn(logits, labels, *, indices, extra, step, teacher_logits):
-        noise_logits, imbalance_logits = teacher_logits
         logits = logits + shift
         hp = extra.get("hparams", {})
         alpha = hp.get("alpha", float(options.alpha))
         epsilon = hp.get("epsilon", float(options.epsilon))
         if warmup_steps > 0:
             alpha = alpha * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
-        _, aux = dsink_loss(logits, noise_logits, imbalance_logits, labels, alpha=alpha,
-                            epsilon=epsilon, class_mass=mass, num_iters=num_iters,
-                            backend=backend, base_loss=base)
+        diagnostics = {}
+        if allocation == "batch":
+            noise_logits, imbalance_logits = teacher_logits
+            _, aux = dsink_loss(logits, noise_logits, imbalance_logits, labels, alpha=alpha,
+                                epsilon=epsilon, class_mass=mass, num_iters=num_iters,
+                                backend=backend, base_loss=base, label_prior=prior,
+                                la_tau=la_tau)
+            diagnostics["marginal_error"] = aux["marginal_error"]
+        else:
+            if allocation == "online":
+                (noise_logits,) = teacher_logits
+                potential = extra["class_potential"]
+                q = ot.allocation_from_potential(
+                    jax.nn.log_softmax(noise_logits.astype(jnp.float32)),
+                    jax.nn.log_softmax(logits.astype(jnp.float32)), potential, epsilon=epsilon)
+                extra = {**extra, "class_potential": ot.class_potential_step(
+                    potential, q, mass, learning_rate=potential_lr)}
+                diagnostics["potential_range"] = jnp.max(potential) - jnp.min(potential)
+            else:  # "dataset": solved between epochs (see `dataset_allocation_refresh`)
+                q = extra["allocation"][indices]
+            aux = distillation_terms(logits, q, labels, alpha=alpha, base_loss=base,
+                                     label_prior=prior, la_tau=la_tau)
+            # Against the training-set mass: a batch need not match it, the stream does.
+            diagnostics["marginal_error"] = jnp.max(jnp.abs(jnp.mean(q, axis=0) - mass))
         q_pred = jnp.argmax(aux["allocation"], -1)
         true = clean[indices]
         noisy = (labels != true).astype(jnp.float32)
         hit = (q_pred == true).astype(jnp.float32)
-        diagnostics = {
+        diagnostics.update({
             "allocation_accuracy": jnp.mean(hit),
             # Among mislabelled samples; a batch may have none, so the loop divides the sums
             # over the epoch (see `dsink_jax.train.loop`: *_numerator / *_denominator).
             "allocation_correction_numerator": jnp.sum(hit * noisy),
             "allocation_correction_denominator": jnp.sum(noisy),
-            "marginal_error": aux["marginal_error"],
             "allocation_entropy": aux["allocation_entropy"],
             "distill_loss": jnp.mean(aux["distill"]),
-        }
+        })
         return aux["per_example"], extra, diagnostics
 
-    return Objective("dsink", fn, _no_extra)
+    def init_extra():
+        if allocation == "online":
+            return {"class_potential": np.zeros((len(class_mass),), np.float32)}
+        if allocation == "dataset":
+            c = len(class_mass)
+            return {"allocation": np.full((num_train, c), 1.0 / c, np.float32)}
+        return {}
+    return Objective("dsink", fn, init_extra)
+
+
+def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray,
+                               class_mass: np.ndarray, class_counts: np.ndarray | None = None,
+                               train_images: np.ndarray, every_epochs: int):
+    """The between-epochs solve of `allocation="dataset"`, as a loop `refresh_extra` hook.
+
+    Every `every_epochs` epochs (from epoch 0 on) it runs the student over the unaugmented
+    training images, solves Sinkhorn over all N samples against `class_mass` with the stored
+    f_N log-probabilities, and returns the new `extra["allocation"]` [N, C]. It is a function
+    of the state alone, so a resumed run recomputes exactly the same table.
+
+    Args:
+      options: `config.dsink` (epsilon, num_iters, student_logit_adjustment).
+      noise_teacher_logits: float [N, C] f_N's logits on the unaugmented training images.
+      class_mass: [C] f_L's class mass over the training set.
+      class_counts: [C] given-label counts (for `student_logit_adjustment`).
+      train_images: uint8 [N, H, W, C] the training images, in index order.
+      every_epochs: refresh period k.
+
+    Returns:
+      `refresh(state, epoch, predict) -> dict | None` for `dsink_jax.train.loop.train`.
+    """
+    noise_log_probs = jax.nn.log_softmax(jnp.asarray(noise_teacher_logits, jnp.float32))
+    mass = jnp.asarray(class_mass, jnp.float32)
+    tau = float(options.student_logit_adjustment)
+    shift = 0.0
+    if tau:
+        counts = np.maximum(np.asarray(class_counts), 1)
+        shift = tau * np.log(counts / counts.sum()).astype(np.float32)
+    epsilon, num_iters = float(options.epsilon), int(options.num_iters)
+
+    def refresh(state, epoch: int, predict):
+        if epoch % every_epochs:
+            return None
+        student = jax.nn.log_softmax(jnp.asarray(predict(state, train_images)) + shift)
+        q = ot.sinkhorn_allocation(noise_log_probs, student, mass, epsilon=epsilon,
+                                   num_iters=num_iters)
+        return {"allocation": np.asarray(q, np.float32)}
+
+    return refresh

@@ -8,7 +8,8 @@ import pytest
 import scipy.optimize
 import scipy.special
 
-from dsink_jax.ot.sinkhorn import SinkhornInfo, sinkhorn_allocation
+from dsink_jax.ot.sinkhorn import (SinkhornInfo, allocation_from_potential, class_potential_step,
+                                   sinkhorn_allocation)
 
 BACKENDS = ("native", "ott")
 
@@ -310,3 +311,74 @@ def test_static_checks_run_under_jit():
     with pytest.raises(ValueError, match=r"epsilon=-2.0"):
         jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m, epsilon=-2.0))(
             noise, student, mass)
+
+
+# ----------------------------------------------------------------- closed form and dual ascent
+
+def test_closed_form_with_sinkhorns_potential_is_sinkhorns_plan():
+    noise, student, mass = _problem(21, batch_size=40, num_classes=5)
+    plan, info = sinkhorn_allocation(noise, student, mass, num_iters=300, return_info=True)
+    closed = allocation_from_potential(noise, student, info.potential, epsilon=2.0)
+    np.testing.assert_allclose(closed, plan, atol=1e-5)
+    np.testing.assert_allclose(np.sum(closed, axis=1), 1.0, atol=1e-6)
+
+
+def test_full_batch_potential_steps_converge_to_the_sinkhorn_allocation():
+    # lr = 1 on the whole set is Sinkhorn's column update in the closed form.
+    noise, student, mass = _problem(22, batch_size=60, num_classes=6)
+    potential = jnp.zeros((6,))
+    for _ in range(300):
+        q = allocation_from_potential(noise, student, potential)
+        potential = class_potential_step(potential, q, mass, learning_rate=1.0)
+    q = allocation_from_potential(noise, student, potential)
+    np.testing.assert_allclose(np.mean(q, axis=0), mass, atol=1e-5)
+    reference = sinkhorn_allocation(noise, student, mass, num_iters=300)
+    np.testing.assert_allclose(q, reference, atol=1e-4)
+    assert abs(float(jnp.mean(potential))) < 1e-5  # mean-centred
+
+
+def test_minibatch_dual_ascent_tracks_the_dataset_marginal_not_each_batch():
+    # A dataset of 2,000 samples streamed in batches of 50 with lr 0.05: the carried potential
+    # approaches the dataset-level one, while single batches stay free to deviate from m.
+    noise, student, mass = _problem(23, batch_size=2000, num_classes=5, scale=3.0)
+    _, info = sinkhorn_allocation(noise, student, mass, num_iters=500, return_info=True)
+    step = jax.jit(lambda g, n, s: class_potential_step(
+        g, allocation_from_potential(n, s, g), mass, learning_rate=0.05))
+    potential = jnp.zeros((5,))
+    rng = np.random.default_rng(0)
+    for _ in range(30):  # epochs
+        for idx in rng.permutation(2000).reshape(-1, 50):
+            potential = step(potential, noise[idx], student[idx])
+    np.testing.assert_allclose(potential, info.potential, atol=0.1)
+    q = allocation_from_potential(noise, student, potential)
+    # Within the stochastic fluctuation of a constant step (the last batches move g a little).
+    np.testing.assert_allclose(np.mean(q, axis=0), mass, atol=0.02)
+    batch_error = np.max(np.abs(np.mean(q[:50], axis=0) - mass))
+    assert batch_error > 0.02  # a batch is not forced to the global marginal
+
+
+def test_zero_mass_class_gets_no_allocation_and_potential_stays_finite():
+    noise, student, _ = _problem(24, batch_size=30, num_classes=4)
+    mass = jnp.asarray([0.5, 0.3, 0.2, 0.0])
+    potential = jnp.zeros((4,))
+    for _ in range(50):
+        potential = class_potential_step(
+            potential, allocation_from_potential(noise, student, potential), mass,
+            learning_rate=1.0)
+    assert np.all(np.isfinite(np.asarray(potential)))
+    q = allocation_from_potential(noise, student, potential)
+    np.testing.assert_allclose(q[:, 3], 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.mean(q, axis=0)[:3], mass[:3], atol=1e-5)
+
+
+def test_closed_form_and_potential_step_carry_no_gradient():
+    noise, student, mass = _problem(25)
+
+    def f(noise, student, potential):
+        q = allocation_from_potential(noise, student, potential)
+        return jnp.sum(q[:, 0]) + jnp.sum(class_potential_step(potential, q, mass,
+                                                               learning_rate=0.5))
+
+    grads = jax.grad(f, argnums=(0, 1, 2))(noise, student, jnp.zeros((4,)))
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)

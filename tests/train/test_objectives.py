@@ -1,0 +1,164 @@
+"""The D-SINK training objective: allocation modes, alpha warm-up, logit adjustment, diagnostics."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dsink_jax import ot
+from dsink_jax.dsink import distillation_terms, dsink_loss
+from dsink_jax.train import objectives
+
+B, C, N = 16, 4, 40
+
+
+def options(**overrides):
+    base = dict(alpha=2.0, epsilon=2.0, num_iters=200, backend="native", base_loss="ce",
+                allocation="batch", potential_learning_rate=0.1, alpha_warmup_epochs=0.0,
+                student_logit_adjustment=0.0)
+    base.update(overrides)
+    return ml_collections.ConfigDict(base)
+
+
+def batch(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    logits = 2.0 * jax.random.normal(keys[0], (B, C))
+    noise = 2.0 * jax.random.normal(keys[1], (B, C))
+    imbalance = 2.0 * jax.random.normal(keys[2], (B, C))
+    labels = jax.random.randint(keys[3], (B,), 0, C)
+    indices = jnp.arange(B, dtype=jnp.int32) * 2
+    return logits, noise, imbalance, labels, indices
+
+
+CLEAN = np.arange(N) % C
+COUNTS = np.array([20, 10, 6, 4])
+MASS = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+
+
+def make(**overrides):
+    return objectives.make_dsink_objective(
+        options(**overrides), clean_labels=CLEAN, steps_per_epoch=10,
+        class_mass=None if overrides.get("allocation", "batch") == "batch" else MASS,
+        class_counts=COUNTS)
+
+
+def test_batch_mode_equals_dsink_loss_and_reports_diagnostics():
+    logits, noise, imbalance, labels, indices = batch(0)
+    objective = make()
+    per_example, extra, diag = objective(logits, labels, indices=indices, extra={}, step=0,
+                                         teacher_logits=(noise, imbalance))
+    _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=2.0, num_iters=200)
+    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-6)
+    assert extra == {}
+    q_pred = np.argmax(np.asarray(aux["allocation"]), -1)
+    true = CLEAN[np.asarray(indices)]
+    np.testing.assert_allclose(diag["allocation_accuracy"], np.mean(q_pred == true))
+    noisy = np.asarray(labels) != true
+    assert float(diag["allocation_correction_denominator"]) == noisy.sum()
+    assert float(diag["allocation_correction_numerator"]) == np.sum((q_pred == true) & noisy)
+
+
+def test_online_mode_uses_the_carried_potential_and_moves_it():
+    logits, noise, _, labels, indices = batch(1)
+    objective = make(allocation="online", potential_learning_rate=0.3)
+    extra = {k: jnp.asarray(v) for k, v in objective.init_extra().items()}
+    np.testing.assert_array_equal(extra["class_potential"], np.zeros(C))
+    potential = jnp.asarray([0.5, -0.2, 0.1, -0.4])
+    per_example, new_extra, diag = objective(
+        logits, labels, indices=indices, extra={"class_potential": potential}, step=0,
+        teacher_logits=(noise,))
+    q = ot.allocation_from_potential(jax.nn.log_softmax(noise), jax.nn.log_softmax(logits),
+                                     potential)
+    expected = distillation_terms(logits, q, labels, alpha=2.0)["per_example"]
+    np.testing.assert_allclose(per_example, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        new_extra["class_potential"],
+        ot.class_potential_step(potential, q, MASS, learning_rate=0.3), rtol=1e-6)
+    np.testing.assert_allclose(diag["marginal_error"],
+                               np.max(np.abs(np.mean(q, 0) - MASS)), rtol=1e-5)
+
+
+def test_dataset_mode_looks_its_targets_up_by_index():
+    logits, _, _, labels, indices = batch(2)
+    objective = make(allocation="dataset")
+    table = jax.nn.softmax(jax.random.normal(jax.random.key(7), (N, C)))
+    per_example, extra, _ = objective(logits, labels, indices=indices,
+                                      extra={"allocation": table}, step=0, teacher_logits=())
+    expected = distillation_terms(logits, table[indices], labels, alpha=2.0)["per_example"]
+    np.testing.assert_allclose(per_example, expected, rtol=1e-6)
+    assert objective.init_extra()["allocation"].shape == (N, C)
+
+
+def test_dataset_refresh_solves_over_the_whole_set_on_its_schedule():
+    noise_logits = np.asarray(2.0 * jax.random.normal(jax.random.key(4), (N, C)))
+    student_logits = np.asarray(2.0 * jax.random.normal(jax.random.key(5), (N, C)))
+    images = np.zeros((N, 2, 2, 1), np.uint8)
+    calls = []
+
+    def predict(state, x):
+        calls.append(x.shape)
+        return student_logits
+
+    refresh = objectives.dataset_allocation_refresh(
+        options(allocation="dataset"), noise_teacher_logits=noise_logits, class_mass=MASS,
+        train_images=images, every_epochs=2)
+    assert refresh(None, 1, predict) is None and not calls
+    new = refresh(None, 2, predict)
+    assert calls == [images.shape]
+    expected = ot.sinkhorn_allocation(jax.nn.log_softmax(noise_logits),
+                                      jax.nn.log_softmax(student_logits), MASS, num_iters=200)
+    np.testing.assert_allclose(new["allocation"], expected, atol=1e-6)
+    np.testing.assert_allclose(new["allocation"].mean(0), MASS, atol=1e-4)
+
+
+def test_base_loss_la_uses_the_given_label_prior():
+    logits, noise, imbalance, labels, indices = batch(3)
+    per_example, _, _ = make(base_loss="la")(logits, labels, indices=indices, extra={}, step=0,
+                                             teacher_logits=(noise, imbalance))
+    prior = COUNTS / COUNTS.sum()
+    _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=2.0, num_iters=200,
+                        base_loss="la", label_prior=prior)
+    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-6)
+
+
+def test_alpha_warmup_ramps_the_distillation_weight():
+    logits, noise, imbalance, labels, indices = batch(4)
+    objective = make(alpha_warmup_epochs=2.0)  # 20 steps
+    _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=1.0, num_iters=200)
+    for step, weight in ((0, 2.0 / 20), (9, 2.0 * 10 / 20), (19, 2.0), (50, 2.0)):
+        per_example, _, _ = objective(logits, labels, indices=indices, extra={}, step=step,
+                                      teacher_logits=(noise, imbalance))
+        np.testing.assert_allclose(per_example, aux["base"] + weight * aux["distill"],
+                                   rtol=1e-5)
+
+
+def test_student_logit_adjustment_shifts_every_term_by_tau_log_prior():
+    logits, noise, imbalance, labels, indices = batch(5)
+    per_example, _, _ = make(student_logit_adjustment=0.5)(
+        logits, labels, indices=indices, extra={}, step=0, teacher_logits=(noise, imbalance))
+    shifted = logits + 0.5 * jnp.log(COUNTS / COUNTS.sum())
+    _, aux = dsink_loss(shifted, noise, imbalance, labels, alpha=2.0, num_iters=200)
+    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-5)
+    unshifted, _, _ = make()(logits, labels, indices=indices, extra={}, step=0,
+                             teacher_logits=(noise, imbalance))
+    assert not np.allclose(per_example, unshifted)
+
+
+def test_hparams_in_extra_override_the_options():
+    logits, noise, imbalance, labels, indices = batch(6)
+    hparams = {"alpha": jnp.float32(0.5), "epsilon": jnp.float32(1.0)}
+    per_example, _, _ = make()(logits, labels, indices=indices, extra={"hparams": hparams},
+                               step=0, teacher_logits=(noise, imbalance))
+    _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=0.5, epsilon=1.0,
+                        num_iters=200)
+    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-5)
+
+
+def test_bad_allocation_options_raise():
+    with pytest.raises(ValueError, match="allocation='global'; allowed: batch, dataset, online"):
+        objectives.make_dsink_objective(options(allocation="global"), clean_labels=CLEAN,
+                                        steps_per_epoch=1, class_counts=COUNTS)
+    with pytest.raises(ValueError, match="allocation='online' needs the training-set class_mass"):
+        objectives.make_dsink_objective(options(allocation="online"), clean_labels=CLEAN,
+                                        steps_per_epoch=1, class_counts=COUNTS)
