@@ -42,8 +42,8 @@ from dsink_jax.train import metrics as metrics_lib
 
 BUILDERS = {
     "baseline": (configs.COMMON_ARGS, lambda a: configs.build_config("baseline", a)),
-    "dsink": (configs.DSINK_ARGS, configs.build_dsink_config),
-    "ot_softmax": (configs.OT_SOFTMAX_ARGS, configs.build_ot_softmax_config),
+    "dsink": (pipelines.dsink.ARGS, pipelines.dsink.build_config),
+    "ot_softmax": (pipelines.ot_softmax.ARGS, pipelines.ot_softmax.build_config),
 }
 GROUPS = ("test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy")
 COLUMNS = GROUPS + ("correction_rate",)
@@ -204,7 +204,7 @@ def main():
                     config.dsink.stage_name = f"student_{variant}"
                 configs.validate_config(config)
                 if args.family == "dsink":
-                    configs.validate_dsink_config(config)
+                    pipelines.dsink.validate(config)
                 workdir = os.path.join(args.root, setting.replace(",", "_").replace("=", "-"),
                                        f"seed{seed}")
                 runs.append((setting, seed, variant, overrides, config, workdir))

@@ -14,7 +14,7 @@ of synthetic uint8 32x32 images with C classes (long tail 10, so nu = class freq
 uniform). Variants, for every (solve_steps, num_samples) of ``--solve-steps`` x ``--num-samples``:
 
 * ``step``: the step with ``solve_every=1`` (the re-solve runs at every step);
-* ``solve``: the re-solve alone, jitted: `semidiscrete_potential` with the arguments the step
+* ``solve``: the re-solve alone, jitted: `dsink_jax.ot.update_potential` with the arguments the step
   passes it (the classifier's weights [C, d], nu, warm start, the options' solver settings);
 
 and once ``no-solve``: the same step with ``solve_every = 2**30``. `lax.cond` runs one branch, and
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dsink_jax import configs, pipelines  # noqa: E402
-from dsink_jax.ot.semidiscrete import semidiscrete_potential  # noqa: E402
+from dsink_jax.ot import update_potential  # noqa: E402
 from dsink_jax.train import optim  # noqa: E402
 from dsink_jax.train import ot_softmax as ots  # noqa: E402
 from dsink_jax.train import step as step_lib  # noqa: E402
@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace):
     """Config, training set, method and base options, as `run_ot_softmax` assembles them."""
-    config = configs.build_ot_softmax_config({**configs.OT_SOFTMAX_ARGS, "dataset": "cifar100",
+    config = pipelines.ot_softmax.build_config({**pipelines.ot_softmax.ARGS, "dataset": "cifar100",
                                               "model": args.model, "preset": "cpu",
                                               "inference": args.inference, "seed": args.seed})
     config.optim.batch_size = args.batch_size
@@ -104,12 +104,12 @@ def build(args: argparse.Namespace):
                                           batch_size=args.batch_size, seed=args.seed)
     o = config.ot_softmax
     steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
-    backbone = pipelines.make_model(config, training_set.num_classes, head="cosine")
+    backbone = pipelines.common.make_model(config, training_set.num_classes, head="cosine")
     method = step_lib.Method(
         model=ots.OTSoftmaxNet(backbone=backbone, projection_dim=int(o.projection_dim)),
         tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
         objective=ots.potential_objective(training_set.num_classes),
-        augment=pipelines.augment_for(config, training_set))
+        augment=pipelines.common.augment_for(config, training_set))
     options = ots.OTSoftmaxOptions.from_config(o, training_set.noisy_class_counts)
     return config, training_set, method, options
 
@@ -139,11 +139,11 @@ def main(argv=None) -> int:
         tag = f"{k}x{n}"
         runners[f"step {tag}"] = step_runner(options)
         calls[f"step {tag}"] = args.steps
-        # The same call as train/ot_softmax.py makes (its private _solve), public API.
-        solve = jax.jit(lambda w, h, key, options=options: semidiscrete_potential(
-            w, nu, scale=options.scale, rng=key, num_samples=options.num_samples,
-            num_steps=options.solve_steps, learning_rate=options.solver_learning_rate, init=h,
-            entropic_epsilon=options.entropic_epsilon or None))
+        # The re-solve the training step makes.
+        solve = jax.jit(lambda w, h, key, options=options: update_potential(
+            h, w, nu, scale=options.scale, rng=key, num_samples=options.num_samples,
+            num_steps=options.solve_steps, learning_rate=options.solver_learning_rate,
+            entropic_epsilon=options.entropic_epsilon))
         runners[f"solve {tag}"] = caller(solve, weights, state0.extra["potential"],
                                          jax.random.fold_in(rng, 7))
         calls[f"solve {tag}"] = args.steps * SOLVE_CALLS_PER_STEP

@@ -98,7 +98,7 @@ def fixed_batch(training_set, batch_size: int, seed: int = 0) -> dict[str, np.nd
 def build_dsink_methods(config, training_set, rng):
     """The CE baseline method, the D-SINK student method and the teachers' variables.
 
-    Assembled as `dsink_jax.pipelines.train_teachers` and `run_dsink` assemble them (same
+    Assembled as `dsink_jax.pipelines.dsink.train_teachers` and `run_dsink` assemble them (same
     config fields, same builders), except that the teachers are freshly initialised instead of
     trained: their weights' values do not change the cost of a step.
 
@@ -238,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_runners(args: argparse.Namespace, num_classes: int) -> dict[str, Callable[[int], None]]:
     """The four variants at one class count, compiled (one untimed call each)."""
-    config = configs.build_dsink_config({**configs.DSINK_ARGS, "dataset": "cifar10",
+    config = pipelines.dsink.build_config({**pipelines.dsink.ARGS, "dataset": "cifar10",
                                          "model": args.model, "preset": "cpu",
                                          "num_iters": args.num_iters, "seed": args.seed})
     config.optim.batch_size = args.batch_size

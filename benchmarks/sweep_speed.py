@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(args: argparse.Namespace):
     """Config, training set and the D-SINK method, as `run_dsink_sweep` assembles them."""
     digits = args.model in ("mlp", "cnn")
-    config = configs.build_dsink_config({**configs.DSINK_ARGS,
+    config = pipelines.dsink.build_config({**pipelines.dsink.ARGS,
                                          "dataset": "digits" if digits else "cifar10",
                                          "model": args.model, "preset": "cpu",
                                          "seed": args.seed})

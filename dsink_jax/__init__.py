@@ -6,7 +6,7 @@ Public API (the rest lives in the subpackages: `data`, `models`, `losses`, `ot`,
 * :func:`semidiscrete_potential` (OT-dynamic softmax's solver).
 """
 
-from dsink_jax.dsink import dsink_loss, global_class_mass
+from dsink_jax.losses.dsink import dsink_loss, global_class_mass
 from dsink_jax.ot import semidiscrete_potential, sinkhorn_allocation
 
 __version__ = "0.1.0"

@@ -43,3 +43,28 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     x = x / jnp.where(peak > 0, peak, 1.0)
     sq_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq_norm, 1e-24))
+
+
+def check_int_labels(labels: Any, batch_size: int, num_classes: int | None, *,
+                     what: str) -> None:
+    """Raises unless `labels` are int [batch_size] (and, when concrete, in [0, num_classes)).
+
+    Args:
+      labels: the labels to check.
+      batch_size: the expected length.
+      num_classes: C, or None to skip the range check.
+      what: the array the labels must match, for the message.
+    """
+    if jnp.shape(labels) != (batch_size,):
+        raise ValueError(
+            f"labels must have shape [B] = ({batch_size},) to match {what}, "
+            f"got shape {jnp.shape(labels)}.")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise TypeError(
+            f"labels must be integer class indices, got dtype {jnp.result_type(labels)}.")
+    values = concrete(labels)
+    if (num_classes is not None and values is not None and values.size
+            and (values.min() < 0 or values.max() >= num_classes)):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] (C = {num_classes} classes), got values in "
+            f"[{values.min()}, {values.max()}].")

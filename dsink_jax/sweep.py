@@ -145,8 +145,8 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
     `workdir/sweep/summary.json` (members ranked by test accuracy). Resumes from
     `workdir/sweep/checkpoints`.
     """
-    pipelines.check_before_training(config, workdir)
-    configs_lib.validate_dsink_config(config)
+    pipelines.dsink.validate(config)
+    pipelines.common.check_workdir(workdir)
     if members_mode not in MEMBER_MODES:
         raise ValueError(f"members_mode={members_mode!r}; allowed: {', '.join(MEMBER_MODES)}")
     for field, allowed in SWEEP_SUPPORTS.items():
@@ -157,7 +157,7 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
                 f"{', '.join(allowed)} (train such students with experiments/main.py)")
     members = members_of(grid, config)
     training_set = pipelines.prepare_training_set(config)
-    teachers = pipelines.train_teachers(config, workdir, training_set)
+    teachers = pipelines.dsink.train_teachers(config, workdir, training_set)
     method = pipelines.build_method(config, training_set, objective=teachers["objective"],
                                     teacher_models=teachers["teacher_models"])
     teacher_variables = teachers["teacher_variables"]
@@ -236,12 +236,12 @@ def run_dsink_sweep(config, workdir: str, grid: dict[str, list[float]], *,
         cells = [str(rank), r["name"] + (" (diverged)" if r["diverged"] else ""),
                  f"{r['alpha']:g}", f"{r['epsilon']:g}", f"{r['learning_rate']:g}",
                  f"{r['weight_decay']:g}", str(r["seed"])]
-        cells += [pipelines.format_percent(r.get(k)) for k in (
+        cells += [pipelines.common.format_percent(r.get(k)) for k in (
             "test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy",
             "correction_rate")]
         table.append("| " + " | ".join(cells) + " |")
     markdown = (f"# D-SINK sweep: {len(members)} students in one program\n\n"
-                f"{pipelines.data_header(ts)}\n\n"
+                f"{pipelines.common.data_header(ts)}\n\n"
                 f"Teachers (for reference):\n\n{pipelines.results_table(teachers['rows'])}\n\n"
                 f"Students, ranked by test accuracy:\n\n" + "\n".join(table) + "\n\n"
                 f"{timed_steps} vmapped steps in {seconds:.1f} s.\n")

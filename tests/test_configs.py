@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsink_jax import configs
+from dsink_jax import configs, pipelines
 
 
 def build(**kw):
@@ -64,3 +64,34 @@ def test_validation_names_bad_value(field, value, message):
 def test_unknown_preset():
     with pytest.raises(configs.ConfigError, match="unknown preset 'fast'; allowed: paper, cpu, smoke"):
         build(preset="fast")
+
+
+def dsink(**kw):
+    return pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, **kw))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("allocation", "global", "dsink.allocation='global'; allowed: batch, dataset, online"),
+    ("base_loss", "gce", "dsink.base_loss='gce'; allowed: ce, la, none"),
+    ("baseline_loss", "focal", "dsink.baseline_loss='focal'; allowed: ce, .*, none"),
+    ("init_from", "ce", "dsink.init_from='ce'; allowed: scratch, imbalance_teacher"),
+    ("inference", "balanced", "dsink.inference='balanced'; allowed: raw, label_prior"),
+    ("inference", "class_mass", "inference=class_mass needs the training-set class mass"),
+    ("refresh_every_epochs", 0, "refresh_every_epochs=0 must be >= 1"),
+    ("potential_learning_rate", 1.5, r"potential_learning_rate=1.5 must be in \(0, 1\]"),
+    ("stage_name", "la", "dsink.stage_name='la' must be a plain directory name"),
+    ("stage_name", "a/b", "dsink.stage_name='a/b' must be a plain directory name"),
+])
+def test_dsink_validation_names_bad_value(field, value, message):
+    config = dsink()
+    config.dsink[field] = value
+    configs.validate_config(config)
+    with pytest.raises(configs.ConfigError, match=message):
+        pipelines.dsink.validate(config)
+
+
+def test_warm_start_needs_an_f_l_with_the_students_head():
+    config = dsink(init_from="imbalance_teacher", imbalance_loss="ldam_drw")
+    with pytest.raises(configs.ConfigError, match="ldam_drw.*cosine head"):
+        pipelines.dsink.validate(config)
+    pipelines.dsink.validate(dsink(init_from="imbalance_teacher"))  # la: accepted

@@ -9,9 +9,9 @@ from dsink_jax import configs, pipelines, sweep
 
 
 def dsink_smoke_config(**overrides):
-    args = dict(configs.DSINK_ARGS, preset="smoke", noise="sym", noise_rate=0.3)
+    args = dict(pipelines.dsink.ARGS, preset="smoke", noise="sym", noise_rate=0.3)
     args.update(overrides)
-    config = configs.build_dsink_config(args)
+    config = pipelines.dsink.build_config(args)
     config.progress = False
     return config
 
@@ -38,9 +38,13 @@ def test_dsink_pipeline_writes_table_plots_and_stages(dsink_run):
     for png in ("per_class_accuracy.png", "correction_rate.png"):
         with open(os.path.join(workdir, "plots", png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    for stage in names:
+    # Teachers live under their loss's name, the student under dsink.stage_name.
+    for stage in ("ce", "la", "gce", "student"):
         assert os.path.exists(os.path.join(workdir, stage, "results.json"))
         assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
+    # The student's post-hoc corrections are evaluated and recorded.
+    assert set(student["posthoc"]) == {"raw", "label_prior"}
+    assert student["posthoc"]["raw"]["test_accuracy"] == pytest.approx(student["test_accuracy"])
 
 
 def test_teachers_are_not_checkpointed_with_the_student(dsink_run):
@@ -58,6 +62,43 @@ def test_finished_stages_are_reused(dsink_run, capsys):
     assert out.count("reusing the finished stage") == 4
     assert [r["params_fingerprint"] for r in again["stages"]] == [
         r["params_fingerprint"] for r in first["stages"]]
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(allocation="dataset", base_loss="la", refresh_every_epochs=1),
+    dict(allocation="online", base_loss="la", inference="class_mass"),
+    dict(allocation="batch", init_from="imbalance_teacher", baseline_loss="none"),
+])
+def test_student_variants_reuse_the_teachers(dsink_run, capsys, overrides):
+    workdir, first = dsink_run
+    config = dsink_smoke_config()
+    with config.unlocked():
+        for key, value in overrides.items():
+            config.dsink[key] = value
+        config.dsink.stage_name = "student_" + overrides["allocation"]
+    summary = pipelines.run(config, workdir)
+    out = capsys.readouterr().out
+    teachers = 2 if overrides.get("baseline_loss") == "none" else 3
+    assert out.count("reusing the finished stage") == teachers
+    names = [r["name"] for r in summary["stages"]]
+    assert names[-1] == "student" and len(names) == teachers + 1
+    student = summary["stages"][-1]
+    assert student["dsink"]["allocation"] == overrides["allocation"]
+    metrics = [json.loads(line) for line in open(
+        os.path.join(workdir, config.dsink.stage_name, "metrics.jsonl"))]
+    assert 0 <= metrics[-1]["train_allocation_accuracy"] <= 1
+    if overrides["allocation"] != "batch":
+        # Against f_L's class mass over the training set; the post-hoc table can divide it out.
+        assert "class_mass" in student["posthoc"]
+        assert metrics[-1]["train_marginal_error"] < 0.5
+    if overrides["allocation"] == "online":
+        assert metrics[-1]["train_potential_range"] > 0  # the class potential moved
+        # inference=class_mass: the reported accuracy is the corrected one.
+        assert student["test_accuracy"] == pytest.approx(
+            student["posthoc"]["class_mass"]["test_accuracy"])
+    # The teachers' parameters are untouched by the student's (warm-started) training.
+    assert [r["params_fingerprint"] for r in summary["stages"][:-1]] == [
+        r["params_fingerprint"] for r in first["stages"][3 - teachers:3]]
 
 
 def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
@@ -94,8 +135,8 @@ def test_bad_dsink_options_fail_before_training(tmp_path):
 
 
 def test_ot_softmax_family_trains_end_to_end(tmp_path):
-    args = dict(configs.OT_SOFTMAX_ARGS, preset="smoke", inference="balanced")
-    config = configs.build_ot_softmax_config(args)
+    args = dict(pipelines.ot_softmax.ARGS, preset="smoke", inference="balanced")
+    config = pipelines.ot_softmax.build_config(args)
     config.progress = False
     config.ot_softmax.references = ("ce",)
     summary = pipelines.run(config, str(tmp_path))
@@ -111,7 +152,7 @@ def test_ot_softmax_family_trains_end_to_end(tmp_path):
 
 
 def test_bad_ot_softmax_options_fail_before_training(tmp_path):
-    config = configs.build_ot_softmax_config(dict(configs.OT_SOFTMAX_ARGS, preset="smoke"))
+    config = pipelines.ot_softmax.build_config(dict(pipelines.ot_softmax.ARGS, preset="smoke"))
     config.ot_softmax.temperature = 0.0
     with pytest.raises(configs.ConfigError, match="ot_softmax.temperature=0.0 must be > 0"):
         pipelines.run(config, str(tmp_path))
@@ -120,11 +161,11 @@ def test_bad_ot_softmax_options_fail_before_training(tmp_path):
 def test_a_changed_config_never_resumes_an_old_stage(tmp_path, capsys):
     config = dsink_smoke_config()
     config.optim.epochs = 1
-    pipelines.run_baseline(config, str(tmp_path))
+    pipelines.baseline.run(config, str(tmp_path))
     changed = dsink_smoke_config()
     changed.optim.epochs = 1
     changed.optim.learning_rate = 0.01
-    pipelines.run_baseline(changed, str(tmp_path))
+    pipelines.baseline.run(changed, str(tmp_path))
     assert "holds a stage of another configuration: retraining" in capsys.readouterr().out
     stage = json.loads(open(os.path.join(tmp_path, "ce", "results.json")).read())
     assert stage["config"]["optim"]["learning_rate"] == 0.01

@@ -13,9 +13,9 @@ from dsink_jax.train.objectives import make_dsink_objective
 
 @pytest.fixture(scope="module")
 def setup():
-    config = configs.build_dsink_config(dict(configs.DSINK_ARGS, preset="smoke"))
+    config = pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, preset="smoke"))
     training_set = pipelines.prepare_training_set(config)
-    teacher = pipelines.make_model(config, training_set.num_classes)
+    teacher = pipelines.common.make_model(config, training_set.num_classes)
     teacher_vars = teacher.init(jax.random.PRNGKey(7), np.zeros((1, 8, 8, 1), np.float32))
     objective = make_dsink_objective(config.dsink, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=10)

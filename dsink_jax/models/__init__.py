@@ -21,6 +21,8 @@ from dsink_jax.models.resnet import CifarResNet, PreActResNet18, option_a_shortc
 from dsink_jax.models.small import HEADS, MLP, CosineClassifier, SmallCNN, check_head, scaled_width
 
 MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "preact_resnet18")
+# Compute dtypes by config name (parameters stay float32).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Basic blocks per stage of the CIFAR ResNets (depth 6n + 2).
 _RESNET_BLOCKS = {"resnet8": 1, "resnet20": 3, "resnet32": 5}
@@ -28,6 +30,7 @@ _RESNET_BLOCKS = {"resnet8": 1, "resnet20": 3, "resnet32": 5}
 __all__ = [
     "CifarResNet",
     "CosineClassifier",
+    "DTYPES",
     "HEADS",
     "MLP",
     "MODEL_NAMES",

@@ -55,7 +55,7 @@ so its dual vector relates to our heights by ``h = g + eps * log(nu)`` (mean-cen
 ``backend="ott"`` needs strictly positive target masses; (2) ott returns an exponential moving
 average of its iterates instead of our tail average. The backend only samples (it takes no
 ``source_points``) and runs a fixed number of steps (its convergence test is disabled). It is
-there as an independent cross-check (tests compare both); ``backend="jax"`` is the default.
+there as an independent cross-check (tests compare both); ``backend="native"`` (this module) is the default.
 
 Monte-Carlo tolerance: with ``N`` samples per step a cell mass is estimated with standard error
 ``sqrt(nu_c (1 - nu_c) / N)``; the averaged iterate is far less noisy than one step.
@@ -73,12 +73,15 @@ import optax
 from dsink_jax._checks import check_positive as _check_positive
 from dsink_jax._checks import concrete as _concrete
 from dsink_jax._checks import l2_normalize as _l2_normalise
+from dsink_jax.ot.backends import BACKENDS
 
 __all__ = [
+    "BACKENDS",
     "PotentialInfo",
     "cell_masses",
     "semidiscrete_potential",
     "sample_unit_sphere",
+    "update_potential",
 ]
 
 # Class masses are float32 sums; a distribution may be off by rounding, not by more.
@@ -206,8 +209,8 @@ def _validate_solver_inputs(class_weights, target_mass, *, scale, num_samples, n
             f"last one), got {average_fraction!r}.")
     if lr_decay not in ("cosine", "constant"):
         raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {lr_decay!r}.")
-    if backend not in ("jax", "ott"):
-        raise ValueError(f"backend must be 'jax' or 'ott', got {backend!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; allowed values: {BACKENDS}.")
     nu = _concrete(target_mass)
     if nu is not None:
         if np.any(nu < 0) or abs(float(np.sum(nu, dtype=np.float64)) - 1.0) > _SIMPLEX_ATOL:
@@ -218,11 +221,11 @@ def _validate_solver_inputs(class_weights, target_mass, *, scale, num_samples, n
         if backend == "ott" and np.any(nu <= 0):
             raise ValueError(
                 "backend='ott' needs strictly positive target_mass (ott weighs soft cells by "
-                f"log nu), got min {nu.min():.4g}; use backend='jax'.")
+                f"log nu), got min {nu.min():.4g}; use backend='native'.")
     if source_points is not None:
         if backend == "ott":
             raise ValueError(
-                "backend='ott' samples mu itself; source_points needs backend='jax'.")
+                "backend='ott' samples mu itself; source_points needs backend='native'.")
         dim = jnp.shape(class_weights)[1]
         if jnp.ndim(source_points) != 2 or jnp.shape(source_points)[1] != dim:
             raise ValueError(
@@ -250,7 +253,7 @@ def semidiscrete_potential(
     source_points: jax.Array | None = None,
     lr_decay: Literal["constant", "cosine"] = "constant",
     average_fraction: float = 0.5,
-    backend: Literal["jax", "ott"] = "jax",
+    backend: Literal["native", "ott"] = "native",
     return_info: bool = False,
 ) -> jax.Array | tuple[jax.Array, PotentialInfo]:
     """Heights ``h`` whose cosine-classifier cells carry the target masses (semi-discrete OT).
@@ -277,7 +280,7 @@ def semidiscrete_potential(
       lr_decay: ``"constant"`` learning rate, or ``"cosine"``: anneal it to 1 % over ``num_steps``.
       average_fraction: return the average of the last ``ceil(average_fraction * num_steps)``
         iterates (Polyak tail averaging); ``1 / num_steps`` returns the last iterate.
-      backend: ``"jax"`` (this module) or ``"ott"`` (ott-jax's ``SemidiscreteSolver``; no
+      backend: ``"native"`` (this module) or ``"ott"`` (ott-jax's ``SemidiscreteSolver``; no
         ``source_points``, positive ``target_mass``, an exponential moving average of the iterates
         instead of ``average_fraction``).
       return_info: also return a :class:`PotentialInfo`, measured on a fresh sample
@@ -305,6 +308,42 @@ def semidiscrete_potential(
         learning_rate, num_samples=num_samples, num_steps=num_steps,
         entropic_epsilon=entropic_epsilon, lr_decay=lr_decay, average_fraction=average_fraction,
         backend=backend, return_info=return_info)
+
+
+def update_potential(
+    potential: jax.Array,
+    class_weights: jax.Array,
+    target_mass: jax.Array,
+    *,
+    scale,
+    rng: jax.Array,
+    num_samples: int = 1024,
+    num_steps: int = 5,
+    learning_rate=0.02,
+    entropic_epsilon: float | None = None,
+    backend: Literal["native", "ott"] = "native",
+) -> jax.Array:
+    """The "dynamic" re-solve: a few dual steps from the previous heights after the weights moved.
+
+    OT-dynamic softmax calls this after each optimizer step (or every k steps): the optimum
+    moves little between two steps, so a warm start with a small learning rate and a handful of
+    Monte-Carlo steps tracks it (see the module docstring for why the rate must be small). The
+    same as :func:`semidiscrete_potential` with ``init=potential``.
+
+    Args:
+      potential: [C] the current heights (the warm start).
+      class_weights: [C, d] the classifier's weights after the update.
+      target_mass: [C] the cell masses to keep.
+      scale, rng, num_samples, num_steps, learning_rate, entropic_epsilon, backend: as in
+        :func:`semidiscrete_potential` (``entropic_epsilon`` 0 or None: hard cells).
+
+    Returns:
+      [C] the new heights (mean zero).
+    """
+    return semidiscrete_potential(
+        class_weights, target_mass, scale=scale, rng=rng, num_samples=num_samples,
+        num_steps=num_steps, learning_rate=learning_rate, init=potential,
+        entropic_epsilon=entropic_epsilon or None, backend=backend)
 
 
 # Jitted once per static configuration, so eager calls (tests, notebooks) hit the compile cache;
@@ -389,7 +428,7 @@ def _solve_ott(unit_weights, nu, *, scale, rng, num_samples, num_steps, init, le
         num_iterations=num_steps,
         batch_size=num_samples,
         optimizer=optax.adam(_schedule(learning_rate, num_steps, lr_decay)),
-        # A negative threshold disables the early stop: a fixed step count, like backend="jax".
+        # A negative threshold disables the early stop: a fixed step count, like backend="native".
         threshold=-1.0,
         error_eval_every=num_steps,
         error_num_repeats=1,

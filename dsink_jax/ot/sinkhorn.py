@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsink_jax._checks import is_concrete as _is_concrete
+from dsink_jax.ot.backends import BACKENDS
 
 __all__ = ["SinkhornInfo", "sinkhorn_allocation", "allocation_from_potential",
            "class_potential_step", "BACKENDS"]
 
-BACKENDS = ("native", "ott")
 
 # Tolerance on ``sum(class_mass) == 1`` for concrete inputs: float32 means of
 # softmax outputs over a large dataset drift by ~1e-6, far below this.

@@ -228,8 +228,11 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
     rng = jax.random.PRNGKey(config.seed)
     state = step_lib.init_state(method, rng, ts.x_train[:1])
     if init_variables is not None:
-        state = state.replace(params=init_variables["params"],
-                              batch_stats=init_variables.get("batch_stats", {}))
+        # Host copies: the step donates the state, and the donor (e.g. a frozen teacher that
+        # the step also reads) must survive.
+        copy = functools.partial(jax.tree.map, np.array)
+        state = state.replace(params=copy(init_variables["params"]),
+                              batch_stats=copy(init_variables.get("batch_stats", {})))
     state = parallel.replicate(state, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.keep_checkpoints)

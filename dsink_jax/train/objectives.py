@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsink_jax import losses, ot
-from dsink_jax.dsink import distillation_terms, dsink_loss
+from dsink_jax.losses.dsink import distillation_terms, dsink_loss
 
 LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr")
 # What each loss is robust to; used by docs and result tables.

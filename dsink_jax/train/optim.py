@@ -18,18 +18,24 @@ SCHEDULES = ("step", "cosine", "constant")
 
 def lr_multiplier(schedule: str, *, total_steps: int, warmup_steps: int,
                   drop_steps: tuple[int, ...] = (), drop_factors: tuple[float, ...] = ()
-                  ) -> Callable[[jnp.ndarray], jnp.ndarray]:
-    """The learning-rate multiplier as a function of the step.
+                  ) -> optax.Schedule:
+    """The learning-rate multiplier as an optax schedule (a function of the step).
+
+    Built from optax's schedules: a linear warm-up (`optax.linear_schedule`, the multiplier is
+    (step + 1) / warmup_steps during it), joined (`optax.join_schedules`) to
+
+    * "cosine": `optax.cosine_decay_schedule` from 1 to 0 at `total_steps`;
+    * "step" (LDAM-DRW / RoLT): `optax.piecewise_constant_schedule`, the base rate multiplied by
+      `drop_factors[k]` from `drop_steps[k]` on (absolute factors, not cumulative: x0.01 at epoch
+      160 and x0.0001 at 180 of 200);
+    * "constant": 1.
 
     Args:
-      schedule: "step" (LDAM-DRW / RoLT: linear warm-up, then the base rate multiplied by
-        `drop_factors[k]` from `drop_steps[k]` on: x0.01 at epoch 160 and x0.0001 at 180 of 200),
-        "cosine" (linear warm-up, then cosine decay to zero at `total_steps`) or "constant"
-        (warm-up, then 1).
+      schedule: one of :data:`SCHEDULES`.
       total_steps: steps of the whole run.
-      warmup_steps: linear warm-up length; the multiplier is (step + 1) / warmup_steps during it.
-      drop_steps: for "step", the steps at which a drop factor takes effect.
-      drop_factors: for "step", the absolute multipliers (not cumulative), same length.
+      warmup_steps: linear warm-up length (0 = none).
+      drop_steps: for "step", increasing steps (after the warm-up) at which a factor applies.
+      drop_factors: for "step", the absolute multipliers, same length.
 
     Returns:
       `fn(step) -> multiplier`, jittable.
@@ -38,21 +44,21 @@ def lr_multiplier(schedule: str, *, total_steps: int, warmup_steps: int,
         raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
     if len(drop_steps) != len(drop_factors):
         raise ValueError("drop_steps and drop_factors must have the same length")
-
-    def fn(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1)) if warmup_steps else 1.0
-        if schedule == "constant":
-            return warm * jnp.ones_like(step)
-        if schedule == "cosine":
-            span = max(total_steps - warmup_steps, 1)
-            progress = jnp.clip((step - warmup_steps) / span, 0.0, 1.0)
-            return warm * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        mult = jnp.ones_like(step)
+    if schedule == "cosine":
+        after = optax.cosine_decay_schedule(1.0, max(total_steps - warmup_steps, 1))
+    elif schedule == "step":
+        # optax's scales are cumulative: each is the ratio of a factor to the previous one.
+        previous, scales = 1.0, {}
         for at, factor in zip(drop_steps, drop_factors):
-            mult = jnp.where(step >= at, factor, mult)
-        return warm * mult
-    return fn
+            scales[int(at) - warmup_steps] = factor / previous
+            previous = factor
+        after = optax.piecewise_constant_schedule(1.0, scales)
+    else:
+        after = optax.constant_schedule(1.0)
+    if not warmup_steps:
+        return after
+    warm = optax.linear_schedule(1.0 / warmup_steps, 1.0, max(warmup_steps - 1, 1))
+    return optax.join_schedules([warm, after], [warmup_steps])
 
 
 def sgd(*, learning_rate: float, momentum: float, weight_decay: float,

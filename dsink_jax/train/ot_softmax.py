@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsink_jax.ot.semidiscrete import semidiscrete_potential
-from dsink_jax.ot_softmax import ot_dynamic_softmax_logits, ot_dynamic_softmax_loss, supcon_loss
+from dsink_jax.ot.semidiscrete import update_potential
+from dsink_jax.losses import ot_dynamic_softmax_logits, ot_dynamic_softmax_loss, supcon_loss
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.objectives import Objective
 from dsink_jax.train.state import TrainState
@@ -106,10 +106,10 @@ def potential_objective(num_classes: int) -> Objective:
 
 
 def _solve(weights, nu, init, rng, options: OTSoftmaxOptions):
-    return semidiscrete_potential(
-        weights, nu, scale=options.scale, rng=rng, num_samples=options.num_samples,
-        num_steps=options.solve_steps, learning_rate=options.solver_learning_rate, init=init,
-        entropic_epsilon=options.entropic_epsilon or None)
+    return update_potential(
+        init, weights, nu, scale=options.scale, rng=rng, num_samples=options.num_samples,
+        num_steps=options.solve_steps, learning_rate=options.solver_learning_rate,
+        entropic_epsilon=options.entropic_epsilon)
 
 
 def ot_softmax_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables=(), *,

@@ -19,9 +19,8 @@ epochs; 7.4-8.5 min measured with a second job sharing the 2 cores):
   Expected (measured): LA 48.3% overall, few-shot 45.8%; with `loss=ce` 35.3%, few-shot 0.0%.
 """
 
-from dsink_jax import configs
+from dsink_jax import pipelines
 
 
 def get_config(arg=None):
-    args = configs.parse_arg_string(arg, configs.COMMON_ARGS)
-    return configs.build_config("baseline", args)
+    return pipelines.get_config("baseline", arg)

@@ -19,9 +19,8 @@ CIFAR-10-LT ratio 100, sym noise 0.4, `cpu` preset (4 stages of ~5 minutes):
 Sweeps of the student (one vmapped program): experiments/sweep.py with this same config.
 """
 
-from dsink_jax import configs
+from dsink_jax import pipelines
 
 
 def get_config(arg=None):
-    args = configs.parse_arg_string(arg, configs.DSINK_ARGS)
-    return configs.build_dsink_config(args)
+    return pipelines.get_config("dsink", arg)

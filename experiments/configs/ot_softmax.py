@@ -13,9 +13,8 @@ CIFAR-10-LT ratio 100, clean labels, `cpu` preset:
 Expected: a table of CE, LA, Balanced Softmax and OT-softmax (see README for measured figures).
 """
 
-from dsink_jax import configs
+from dsink_jax import pipelines
 
 
 def get_config(arg=None):
-    args = configs.parse_arg_string(arg, configs.OT_SOFTMAX_ARGS)
-    return configs.build_ot_softmax_config(args)
+    return pipelines.get_config("ot_softmax", arg)

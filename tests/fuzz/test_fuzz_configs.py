@@ -13,13 +13,15 @@ from hypothesis import assume
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsink_jax import configs
+from dsink_jax import configs, pipelines
 from dsink_jax.data import LONG_TAIL_PROFILES
 from dsink_jax.data import NOISE_KINDS
 from dsink_jax.data import long_tail_counts
 from dsink_jax.data.noise import check_noise_rate
-from dsink_jax.dsink import dsink_loss
+from dsink_jax.losses.dsink import dsink_loss
 from dsink_jax.models import MODEL_NAMES
+from dsink_jax.losses.dsink import BASE_LOSSES
+from dsink_jax.train.objectives import ALLOCATIONS
 from dsink_jax.train.objectives import CLASS_MASS_MODES
 from dsink_jax.train.objectives import LOSS_NAMES
 from tests.fuzz import fuzz_settings
@@ -31,6 +33,8 @@ ARG_FIELDS = {
     "preset": "preset", "seed": "seed", "alpha": "dsink.alpha", "epsilon": "dsink.epsilon",
     "class_mass": "dsink.class_mass", "imbalance_loss": "dsink.imbalance_loss",
     "noise_loss": "dsink.noise_loss", "num_iters": "dsink.num_iters",
+    "allocation": "dsink.allocation", "base_loss": "dsink.base_loss",
+    "init_from": "dsink.init_from",
 }
 
 # Domains the validators document, with finiteness.
@@ -45,6 +49,7 @@ FLOAT_DOMAINS = {
     "dsink.alpha": lambda v: 0.0 <= v < math.inf,
     "dsink.alpha_warmup_epochs": lambda v: 0.0 <= v < math.inf,
     "dsink.epsilon": lambda v: 1e-4 <= v < math.inf,  # sinkhorn.MIN_EPSILON (float32 solve)
+    "dsink.potential_learning_rate": lambda v: 0.0 < v <= 1.0,
     "ot_softmax.scale": lambda v: 0.0 < v < math.inf,
     "ot_softmax.temperature": lambda v: 0.0 < v < math.inf,
     "ot_softmax.supcon_weight": lambda v: 0.0 <= v < math.inf,
@@ -54,7 +59,7 @@ FLOAT_DOMAINS = {
 INT_MINIMUM = {
     "data.crop_padding": 0, "optim.epochs": 1, "optim.batch_size": 1, "eval_every_epochs": 1,
     "checkpoint_every_epochs": 1, "keep_checkpoints": 1, "eval_batch_size": 1,
-    "dsink.num_iters": 1, "ot_softmax.projection_dim": 1, "ot_softmax.solve_every": 1,
+    "dsink.num_iters": 1, "dsink.refresh_every_epochs": 1, "ot_softmax.projection_dim": 1, "ot_softmax.solve_every": 1,
     "ot_softmax.solve_steps": 1, "ot_softmax.num_samples": 1,
 }
 LOSS_OPTION_FIELDS = tuple(f"loss_options.{k}" for k in configs.LOSS_DEFAULTS) + (
@@ -74,16 +79,16 @@ def _set(config, field, value):
 
 def _family_config(field):
     if field.startswith("ot_softmax."):
-        return configs.build_ot_softmax_config(dict(configs.OT_SOFTMAX_ARGS))
-    return configs.build_dsink_config(dict(configs.DSINK_ARGS))
+        return pipelines.ot_softmax.build_config(dict(pipelines.ot_softmax.ARGS))
+    return pipelines.dsink.build_config(dict(pipelines.dsink.ARGS))
 
 
 def _validate_all(config):
     configs.validate_config(config)
     if "dsink" in config:
-        configs.validate_dsink_config(config)
+        pipelines.dsink.validate(config)
     if "ot_softmax" in config:
-        configs.validate_ot_softmax_config(config)
+        pipelines.ot_softmax.validate(config)
 
 
 def _known_gap(config) -> bool:
@@ -107,7 +112,9 @@ _NAMES = {
     "profile": list(LONG_TAIL_PROFILES), "noise": list(NOISE_KINDS),
     "loss": list(LOSS_NAMES), "imbalance_loss": list(LOSS_NAMES),
     "noise_loss": list(LOSS_NAMES), "model": list(MODEL_NAMES) + [""],
-    "preset": list(configs.PRESET_NAMES), "class_mass": list(CLASS_MASS_MODES),
+    "preset": list(tuple(configs.PRESETS)), "class_mass": list(CLASS_MASS_MODES),
+    "allocation": list(ALLOCATIONS), "base_loss": list(BASE_LOSSES),
+    "init_from": list(pipelines.dsink.INIT_FROM),
 }
 
 
@@ -121,7 +128,7 @@ def arg_items(draw):
         return draw(_JUNK.filter(lambda s: "=" not in s))
     if shape == "junk_key":
         return f"{draw(_JUNK)}={draw(_JUNK)}"
-    key = draw(st.sampled_from(sorted(configs.DSINK_ARGS)))
+    key = draw(st.sampled_from(sorted(pipelines.dsink.ARGS)))
     if key in _NAMES:
         value = draw(st.sampled_from(_NAMES[key]) if draw(st.integers(0, 9)) else _JUNK)
     else:
@@ -136,16 +143,16 @@ arg_strings = st.lists(arg_items(), max_size=4).map(",".join)
 @given(arg=arg_strings)
 def test_arg_string_gives_valid_locked_config_or_config_error(arg):
     try:
-        args = configs.parse_arg_string(arg, configs.DSINK_ARGS)
-        config = configs.build_dsink_config(args)
+        args = configs.parse_arg_string(arg, pipelines.dsink.ARGS)
+        config = pipelines.dsink.build_config(args)
         _validate_all(config)
     except configs.ConfigError:
         return  # Any other exception type fails the test.
     # The last occurrence of a key wins, converted to its default's type.
-    assert set(args) == set(configs.DSINK_ARGS)
+    assert set(args) == set(pipelines.dsink.ARGS)
     for key, field in ARG_FIELDS.items():
         value = _get(config, field)
-        assert value == args[key] and type(value) is type(configs.DSINK_ARGS[key]), key
+        assert value == args[key] and type(value) is type(pipelines.dsink.ARGS[key]), key
     assert config.model.name == (args["model"] or config.model.name)
     with pytest.raises(AttributeError):
         config.learning_rate = 0.1  # locked: a typo fails loudly
@@ -219,8 +226,8 @@ def test_validation_rejects_infinity(field):
 ])
 def test_non_finite_arg_is_a_config_error(arg):
     try:
-        _validate_all(configs.build_dsink_config(
-            configs.parse_arg_string(arg, configs.DSINK_ARGS)))
+        _validate_all(pipelines.dsink.build_config(
+            configs.parse_arg_string(arg, pipelines.dsink.ARGS)))
     except configs.ConfigError:
         return
     raise AssertionError(f"{arg} accepted")
@@ -242,7 +249,7 @@ def test_validation_rejects_nan_loss_options():
 @pytest.mark.parametrize("seed", [
     0, 2**32 - 1, -1, 2**32, 2**63])
 def test_seed_is_validated(seed):
-    config = configs.build_dsink_config(dict(configs.DSINK_ARGS, seed=seed))
+    config = pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, seed=seed))
     try:
         _validate_all(config)
     except configs.ConfigError:

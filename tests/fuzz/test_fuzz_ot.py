@@ -19,14 +19,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from dsink_jax import dsink as dsink_lib
-from dsink_jax.dsink import dsink_loss
+from dsink_jax.losses import dsink as dsink_lib
+from dsink_jax.losses.dsink import dsink_loss
 from dsink_jax.ot import sinkhorn as sinkhorn_lib
 from dsink_jax.ot.semidiscrete import cell_masses
 from dsink_jax.ot.sinkhorn import sinkhorn_allocation
-from dsink_jax.ot_softmax import ot_dynamic_softmax_logits
-from dsink_jax.ot_softmax import ot_dynamic_softmax_loss
-from dsink_jax.ot_softmax import supcon_loss
+from dsink_jax.losses.ot_softmax import ot_dynamic_softmax_logits
+from dsink_jax.losses.ot_softmax import ot_dynamic_softmax_loss
+from dsink_jax.losses.supcon import supcon_loss
 from tests.fuzz import fuzz_settings
 
 SINKHORN_SHAPES = ((1, 2), (7, 5), (64, 50))  # (B, C)

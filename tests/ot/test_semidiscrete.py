@@ -12,6 +12,7 @@ import scipy.special
 from dsink_jax.ot.semidiscrete import cell_masses
 from dsink_jax.ot.semidiscrete import sample_unit_sphere
 from dsink_jax.ot.semidiscrete import semidiscrete_potential
+from dsink_jax.ot.semidiscrete import update_potential
 
 
 def _unit(x):
@@ -116,7 +117,7 @@ def test_entropic_potential_of_bayes_consistent_logits_is_log_prior_on_given_poi
     assert float(jnp.max(jnp.abs(h_hard - log_prior))) > 0.1
 
 
-@pytest.mark.parametrize("backend", ["jax", "ott"])
+@pytest.mark.parametrize("backend", ["native", "ott"])
 def test_entropic_potential_of_bayes_consistent_logits_is_log_prior_on_the_sphere(backend):
     # mu = uniform on the sphere, sampled afresh each step; nu from 200k points (std < 1e-3).
     weights, nu, log_prior, _ = _bayes_problem(4.0, 200_000, seed=0)
@@ -125,15 +126,15 @@ def test_entropic_potential_of_bayes_consistent_logits_is_log_prior_on_the_spher
     np.testing.assert_allclose(h, log_prior, atol=0.02)
 
 
-def test_ott_backend_agrees_with_jax_backend_on_hard_cells():
+def test_ott_backend_agrees_with_native_backend_on_hard_cells():
     weights, nu = _problem(3, 10, 16, concentration=3.0)
     solve = lambda backend: semidiscrete_potential(
         weights, nu, scale=10.0, rng=jax.random.key(4), backend=backend, **_SOLVER)
-    h_jax, h_ott = solve("jax"), solve("ott")
+    h_native, h_ott = solve("native"), solve("ott")
     # Both are noisy estimates (ott averages ~10 iterates by EMA, ours 100): over 4 seeds they
     # differed by at most 0.05, on heights spanning several logits.
-    np.testing.assert_allclose(h_jax, h_ott, atol=0.1)
-    assert float(jnp.max(h_jax) - jnp.min(h_jax)) > 1.0
+    np.testing.assert_allclose(h_native, h_ott, atol=0.1)
+    assert float(jnp.max(h_native) - jnp.min(h_native)) > 1.0
     check_points = _check_sample(2, 100_000, 16)  # Shared with the test above (cached).
     np.testing.assert_allclose(cell_masses(weights, h_ott, scale=10.0, points=check_points), nu,
                                atol=0.01)  # Observed 0.002 to 0.005 over 4 seeds.
@@ -241,11 +242,11 @@ def test_warm_start_stays_near_the_solution():
         ({"entropic_epsilon": 0.0}, "entropic_epsilon must be > 0"),
         ({"average_fraction": 0.0}, r"average_fraction must be in \(0, 1\]"),
         ({"lr_decay": "linear"}, "lr_decay must be 'cosine' or 'constant', got 'linear'"),
-        ({"backend": "pot"}, "backend must be 'jax' or 'ott', got 'pot'"),
+        ({"backend": "pot"}, "backend='pot'; allowed values: \\('native', 'ott'\\)"),
         ({"source_points": jnp.ones((5, 4))},
          r"source_points must have shape \[N, d\] with d = 2"),
         ({"backend": "ott", "source_points": jnp.ones((5, 2))},
-         "source_points needs backend='jax'"),
+         "source_points needs backend='native'"),
         ({"backend": "ott", "target_mass": jnp.array([0.5, 0.5, 0.0])}, "strictly positive"),
     ],
 )
@@ -264,3 +265,17 @@ def test_cell_masses_bad_inputs_raise():
         cell_masses(jnp.eye(3, 2), jnp.zeros(3), scale=-2.0, points=jnp.ones((4, 2)))
     with pytest.raises(ValueError, match=r"potential must have shape \[C\] = \(3,\)"):
         cell_masses(jnp.eye(3, 2), jnp.zeros(2), scale=1.0, points=jnp.ones((4, 2)))
+
+
+def test_update_potential_is_the_warm_started_solve_and_tracks_moved_weights():
+    weights, nu = _problem(5, 10, 16, concentration=3.0)
+    h0 = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(0), **_SOLVER)
+    moved = weights + 0.05 * jax.random.normal(jax.random.key(9), weights.shape)
+    h1 = update_potential(h0, moved, nu, scale=10.0, rng=jax.random.key(2), num_samples=2048,
+                          num_steps=20, learning_rate=0.02)
+    direct = semidiscrete_potential(moved, nu, scale=10.0, rng=jax.random.key(2),
+                                    num_samples=2048, num_steps=20, learning_rate=0.02, init=h0)
+    np.testing.assert_array_equal(h1, direct)
+    points = _check_sample(7, 100_000, 16)
+    error = lambda h: float(jnp.max(jnp.abs(cell_masses(moved, h, scale=10.0, points=points) - nu)))
+    assert error(h1) < error(h0)  # the re-solve follows the weights

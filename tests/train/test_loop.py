@@ -117,4 +117,75 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PermissionError, match="not writable"):
-        pipelines.check_before_training(smoke_config(), str(blocker / "sub"))
+        pipelines.common.check_workdir(str(blocker / "sub"))
+
+
+def _dsink_dataset_method(config, digits_set):
+    """A D-SINK student with the dataset-level allocation, against fixed fake teacher logits."""
+    from dsink_jax.train import objectives
+    d = pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, preset="smoke")).dsink
+    with d.unlocked():
+        d.allocation = "dataset"
+        d.refresh_every_epochs = 2
+        d.base_loss = "la"
+    num_train, num_classes = digits_set.x_train.shape[0], digits_set.num_classes
+    noise_logits = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (num_train, num_classes)))
+    mass = np.full(num_classes, 1.0 / num_classes, np.float32)
+    objective = objectives.make_dsink_objective(
+        d, clean_labels=digits_set.clean_labels, steps_per_epoch=4, class_mass=mass,
+        class_counts=digits_set.noisy_class_counts)
+    refresh = objectives.dataset_allocation_refresh(
+        d, noise_teacher_logits=noise_logits, class_mass=mass,
+        train_images=digits_set.x_train, every_epochs=2)
+    return pipelines.build_method(config, digits_set, objective=objective), refresh
+
+
+def test_dataset_allocation_is_refreshed_on_schedule_and_resumes_exactly(tmp_path, digits_set):
+    config = smoke_config()
+    config.optim.epochs = 4
+    method, refresh = _dsink_dataset_method(config, digits_set)
+    refreshed_at = []
+
+    def counting_refresh(state, epoch, predict):
+        out = refresh(state, epoch, predict)
+        if out is not None:
+            refreshed_at.append(epoch)
+        return out
+
+    straight, state = loop.train(config, str(tmp_path / "straight"), training_set=digits_set,
+                                 method=method, refresh_extra=counting_refresh)
+    assert refreshed_at == [0, 2]
+    table = np.asarray(state.extra["allocation"])
+    np.testing.assert_allclose(table.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(table.mean(0), 0.1, atol=1e-4)  # the uniform class mass
+
+    def interrupt_at_3(state, epoch):
+        if epoch == 3:
+            raise _Interrupt()
+        return {}
+
+    with pytest.raises(_Interrupt):
+        loop.train(config, str(tmp_path / "resumed"), training_set=digits_set, method=method,
+                   refresh_extra=refresh, epoch_hook=interrupt_at_3)
+    resumed, _ = loop.train(config, str(tmp_path / "resumed"), training_set=digits_set,
+                            method=method, refresh_extra=refresh)
+    assert resumed["params_fingerprint"] == straight["params_fingerprint"]
+    record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train_marginal_error"] < 0.2 and "train_allocation_accuracy" in record
+
+
+def test_a_warm_start_begins_from_the_given_variables(tmp_path, digits_set):
+    config = smoke_config()
+    method = pipelines.build_method(config, digits_set)
+    _, donor = loop.train(config, str(tmp_path / "donor"), training_set=digits_set, method=method)
+    config.optim.epochs = 1
+    config.optim.learning_rate = 1e-30  # the parameters cannot move measurably
+    config.optim.weight_decay = 0.0
+    method = pipelines.build_method(config, digits_set)  # the optimizer of the new config
+    _, warm = loop.train(config, str(tmp_path / "warm"), training_set=digits_set, method=method,
+                         init_variables=donor.variables)
+    _, cold = loop.train(config, str(tmp_path / "cold"), training_set=digits_set, method=method)
+    for a, b in zip(jax.tree.leaves(warm.params), jax.tree.leaves(donor.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-20)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(cold.params),
+                                                     jax.tree.leaves(donor.params)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dsink_jax import ot
-from dsink_jax.dsink import distillation_terms, dsink_loss
+from dsink_jax.losses.dsink import distillation_terms, dsink_loss
 from dsink_jax.train import objectives
 
 B, C, N = 16, 4, 40

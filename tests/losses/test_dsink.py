@@ -13,7 +13,7 @@ import pytest
 
 import scipy.special
 
-from dsink_jax.dsink import distillation_terms, dsink_loss, global_class_mass
+from dsink_jax.losses.dsink import distillation_terms, dsink_loss, global_class_mass
 from dsink_jax.ot.sinkhorn import sinkhorn_allocation
 
 B, C = 12, 4
@@ -230,7 +230,7 @@ def test_batch_sharded_over_devices_matches_single_device():
     script = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from dsink_jax.dsink import dsink_loss
+        from dsink_jax.losses.dsink import dsink_loss
         assert jax.device_count() == 2, jax.devices()
         keys = jax.random.split(jax.random.key(0), 4)
         batch = [2.0 * jax.random.normal(k, (8, 3)) for k in keys[:3]]

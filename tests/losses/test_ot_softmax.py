@@ -1,4 +1,4 @@
-"""Tests for dsink_jax.ot_softmax: hand-built oracles, a loop SupCon, gradients, jit and vmap."""
+"""Tests for dsink_jax.losses.ot_softmax and .supcon: hand-built oracles, a loop SupCon, gradients, jit and vmap."""
 import itertools
 
 import chex
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsink_jax.ot_softmax import ot_dynamic_softmax_logits
-from dsink_jax.ot_softmax import ot_dynamic_softmax_loss
-from dsink_jax.ot_softmax import supcon_loss
+from dsink_jax.losses.ot_softmax import ot_dynamic_softmax_logits
+from dsink_jax.losses.ot_softmax import ot_dynamic_softmax_loss
+from dsink_jax.losses.supcon import supcon_loss
 
 
 def _data(seed=0, batch=4, dim=3, num_classes=5):

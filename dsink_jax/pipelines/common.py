@@ -1,0 +1,186 @@
+"""What every experiment family shares: data, method, stages that resume or are reused, tables.
+
+A family (`baseline`, `dsink`, `ot_softmax`, one module each in this package) turns a config into
+trained stages and a results table; these are its building blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterable
+
+import jax
+
+from dsink_jax import configs as configs_lib
+from dsink_jax import data as data_lib
+from dsink_jax import models as models_lib
+from dsink_jax.train import loop, optim, parallel
+from dsink_jax.train import step as step_lib
+from dsink_jax.train.checkpoint import Checkpointer
+from dsink_jax.train.objectives import LOSS_KIND, Objective, make_objective
+
+
+def prepare_training_set(config) -> data_lib.TrainingSet:
+    """Loads the configured source and applies the long tail, then the label noise."""
+    data = config.data
+    dataset = data_lib.load_dataset(configs_lib.dataset_spec(data.dataset),
+                                    data_dir=data.data_dir or None)
+    return data_lib.make_training_set(
+        dataset, imbalance_ratio=data.imbalance, profile=data.profile, noise=data.noise,
+        noise_rate=data.noise_rate, seed=config.seed, real_noise_key=data.real_noise_key or None)
+
+
+def augment_for(config, training_set: data_lib.TrainingSet) -> step_lib.Augment:
+    """Augmentation constants: per-channel statistics of the training images."""
+    mean, std = data_lib.channel_stats(training_set.x_train)
+    return step_lib.Augment(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                            crop_padding=int(config.data.crop_padding),
+                            flip=bool(config.data.flip))
+
+
+def make_model(config, num_classes: int, *, head: str = "linear"):
+    return models_lib.get_model(config.model.name, num_classes=num_classes, width=config.model.width,
+                     head=head, dtype=models_lib.DTYPES[config.model.dtype])
+
+
+def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None = None,
+                 objective: Objective | None = None, teacher_models: tuple = ()
+                 ) -> step_lib.Method:
+    """The supervised method of a config: model, SGD, the bound loss, augmentation.
+
+    Args:
+      config: experiment config.
+      training_set: the data (class counts and size bind the loss).
+      loss: a loss name overriding `config.loss`.
+      objective: a ready objective (e.g. D-SINK's); overrides `loss`.
+      teacher_models: frozen modules whose logits the objective receives.
+    """
+    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    if objective is None:
+        objective = make_objective(
+            loss or config.loss, config.loss_options,
+            class_counts=training_set.noisy_class_counts, num_train=training_set.x_train.shape[0],
+            steps_per_epoch=steps_per_epoch, epochs=config.optim.epochs)
+    return step_lib.Method(
+        model=make_model(config, training_set.num_classes, head=objective.head),
+        tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
+        objective=objective, augment=augment_for(config, training_set),
+        teacher_models=tuple(teacher_models))
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails fast when the workdir cannot be written (after the family's `validate`)."""
+    loop.ensure_writable_dir(workdir)
+
+
+# --------------------------------------------------------------------------- tables
+
+TABLE_COLUMNS = (
+    ("test_accuracy", "overall"),
+    ("many_shot_accuracy", "many"),
+    ("medium_shot_accuracy", "medium"),
+    ("few_shot_accuracy", "few"),
+    ("correction_rate", "corrected"),
+)
+
+
+def format_percent(value: Any) -> str:
+    """A fraction as a percentage with one decimal ("-" for None); other values as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{100 * value:.1f}"
+    return str(value)
+
+
+def results_table(rows: Iterable[dict], *, extra_columns: tuple = ()) -> str:
+    """A Markdown table of stage results (accuracies in %)."""
+    columns = TABLE_COLUMNS + tuple(extra_columns)
+    header = "| stage | loss | " + " | ".join(title for _, title in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    for row in rows:
+        cells = [row.get("name", "?"), row.get("loss", "?")]
+        cells += [format_percent(row.get(key)) for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def data_header(training_set: data_lib.TrainingSet) -> str:
+    s = training_set
+    return (f"{s.name} ({s.source}): {s.x_train.shape[0]} training images, ratio "
+            f"{s.imbalance_ratio:g} ({s.profile}), noise {s.noise} {s.noise_rate:g} "
+            f"(realised {s.realised_noise_rate:.3f}), {s.x_test.shape[0]} test images")
+
+
+def write_summary(workdir: str, rows: list[dict], training_set: data_lib.TrainingSet,
+                  *, extra_columns: tuple = (), extra: dict | None = None) -> str:
+    """Writes `results.json` and `results.md` for a pipeline and returns the Markdown."""
+    table = results_table(rows, extra_columns=extra_columns)
+    markdown = (f"# Results\n\n{data_header(training_set)}\n\n"
+                "Accuracies in % on the clean test set; many > 100, few < 20 training images; "
+                "corrected = mislabelled training samples predicted as their true label.\n\n"
+                f"{table}\n")
+    if parallel.is_writer():
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(markdown)
+    summary = {"data": training_set.summary(), "stages": rows, **(extra or {})}
+    loop.write_json(os.path.join(workdir, "results.json"), summary)
+    return markdown
+
+
+def stage_row(name: str, loss: str, results: dict) -> dict:
+    keep = ("test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy",
+            "correction_rate", "images_per_sec", "params_fingerprint", "per_class_accuracy")
+    return {"name": name, "loss": loss, "robust_to": LOSS_KIND.get(loss, "-"),
+            **{k: results.get(k) for k in keep}}
+
+
+def stage_identity(config, loss: str) -> dict:
+    """What determines a trained auxiliary stage; a finished stage is reused when it matches."""
+    c = config.to_dict()
+    return {"data": c["data"], "model": c["model"], "optim": c["optim"], "seed": c["seed"],
+            "loss": loss, "loss_options": c["loss_options"]}
+
+
+def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: str,
+                         identity: dict, **train_kwargs) -> tuple[dict, Any]:
+    """Trains a stage, or reuses it when `stage_dir` holds a finished run of the same identity.
+
+    `stage_dir/identity.json` records what the stage is (data, model, optimizer, seed, loss and
+    its options) when it starts. A finished stage (`results.json`, final checkpoint) of the same
+    identity is reused, its state restored from the checkpoint; an unfinished one resumes from
+    its checkpoints. A stage of another identity (a changed config) is removed and retrained,
+    so a resume never continues someone else's run.
+    """
+    identity = json.loads(json.dumps(identity))  # as it reads back from JSON
+    identity_path = os.path.join(stage_dir, "identity.json")
+    results_path = os.path.join(stage_dir, "results.json")
+    if os.path.exists(stage_dir):
+        previous_identity = None
+        if os.path.exists(identity_path):
+            with open(identity_path) as f:
+                previous_identity = json.load(f)
+        if previous_identity != identity:
+            print(f"[{name}] {stage_dir} holds a stage of another configuration: retraining")
+            if parallel.is_writer():
+                shutil.rmtree(stage_dir)
+        elif os.path.exists(results_path):
+            template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
+                                           training_set.x_train[:1])
+            restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                    keep=config.keep_checkpoints).restore_latest(template)
+            if restored is not None and restored[1] == config.optim.epochs:
+                print(f"[{name}] reusing the finished stage in {stage_dir}")
+                with open(results_path) as f:
+                    return json.load(f), restored[0]
+    loop.ensure_writable_dir(stage_dir)
+    loop.write_json(identity_path, identity)
+    results, state = loop.train(config, stage_dir, training_set=training_set, method=method,
+                                name=name, **train_kwargs)
+    results["identity"] = identity
+    loop.write_json(results_path, results)
+    return results, state
+
+

@@ -1,0 +1,314 @@
+"""Family `dsink`: CE baseline, imbalance-robust f_L, noise-robust f_N, then the D-SINK student.
+
+docs/method.md section 1 says what the paper states and what is ours; every (ours) field of
+`config.dsink` is a documented option. The student's allocation can be solved per mini-batch,
+over the whole training set between epochs, or online with a carried class potential
+(`dsink.allocation`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dsink_jax import configs as configs_lib
+from dsink_jax import plots
+from dsink_jax.configs import require
+from dsink_jax.losses.dsink import BASE_LOSSES, global_class_mass
+from dsink_jax.ot.backends import BACKENDS
+from dsink_jax.ot.sinkhorn import MIN_EPSILON
+from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir,
+                                        prepare_training_set, stage_identity, stage_row,
+                                        train_or_reuse_stage, write_summary)
+from dsink_jax.train import loop, parallel
+from dsink_jax.train import step as step_lib
+from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
+                                        LOSS_HEADS, LOSS_NAMES, dataset_allocation_refresh,
+                                        make_dsink_objective)
+
+INIT_FROM = ("scratch", "imbalance_teacher")
+INFERENCE_MODES = ("raw", "label_prior", "class_mass")
+
+ARGS: dict[str, Any] = {
+    **configs_lib.COMMON_ARGS,
+    "alpha": 2.0,
+    "epsilon": 2.0,
+    "class_mass": "batch",
+    "imbalance_loss": "la",
+    "noise_loss": "gce",
+    "num_iters": 50,
+    "allocation": "batch",
+    "base_loss": "ce",
+    "init_from": "scratch",
+}
+
+
+def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (see METHOD.md §1).
+
+    `config.loss` is the baseline stage's loss; `config.dsink` holds the student's options. The
+    paper states epsilon = 2 and the bi-level scheme; the fields marked (ours) are
+    reconstructions where the paper is silent.
+    """
+    c = configs_lib.build_config("dsink", {k: args[k] for k in configs_lib.COMMON_ARGS})
+    with c.unlocked():
+        c.dsink = ml_collections.ConfigDict()
+        c.dsink.baseline_loss = args["loss"]  # the reference stage (CE by default); "none" skips it
+        c.dsink.imbalance_loss = args["imbalance_loss"]  # f_L (ours: logit adjustment)
+        c.dsink.noise_loss = args["noise_loss"]  # f_N (ours: GCE q=0.7)
+        c.dsink.alpha = float(args["alpha"])  # weight of the D-SINK term (ablated in the paper)
+        c.dsink.alpha_warmup_epochs = 0.0  # (ours) linear ramp of alpha; 0 = off
+        c.dsink.epsilon = float(args["epsilon"])  # stated: 2
+        c.dsink.num_iters = int(args["num_iters"])  # (ours) fixed Sinkhorn iterations
+        c.dsink.backend = "native"  # "native" (lax.scan) or "ott" (ott-jax Sinkhorn)
+        # (ours) granularity of Q: "batch" (Sinkhorn per mini-batch), "dataset" (Sinkhorn over
+        # all N samples every refresh_every_epochs, the stated Q 1_N = sum_i f_L(x_i)) or
+        # "online" (closed form with the class potential carried in the state).
+        c.dsink.allocation = args["allocation"]
+        c.dsink.refresh_every_epochs = 1  # (ours) "dataset": epochs between solves
+        c.dsink.potential_learning_rate = 0.1  # (ours) "online": dual-ascent step size
+        # (ours) "batch" allocation only: f_L's class mass per batch ("batch") or over the
+        # training set ("global"); the dataset-level allocations always use the latter.
+        c.dsink.class_mass = args["class_mass"]
+        # (ours) L_base: "ce" on the given labels, "la" logit-adjusted CE (tau
+        # loss_options.la_tau, the given-label prior), "none" to drop it.
+        c.dsink.base_loss = args["base_loss"]
+        # (ours, not in the paper) train the student on logits + tau * log prior; 0 = off.
+        c.dsink.student_logit_adjustment = 0.0
+        # (ours) "scratch" or "imbalance_teacher": start the student from f_L's weights.
+        c.dsink.init_from = args["init_from"]
+        # (ours) test-time logits: "raw", or minus the log of an estimated prior:
+        # "label_prior" (given labels) or "class_mass" (f_L's mass over the training set).
+        c.dsink.inference = "raw"
+        c.dsink.stage_name = "student"  # the student's directory in the workdir
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every value the family reads (the shared sections, then `dsink`), before any work.
+
+    Raises:
+      ConfigError: naming the bad value and what is allowed.
+    """
+    configs_lib.validate_config(config)
+    d = config.dsink
+    require(d.baseline_loss in LOSS_NAMES + ("none",),
+             f"dsink.baseline_loss={d.baseline_loss!r}; allowed: {', '.join(LOSS_NAMES)}, none")
+    for field in ("imbalance_loss", "noise_loss"):
+        require(d[field] in LOSS_NAMES,
+                 f"dsink.{field}={d[field]!r}; allowed: {', '.join(LOSS_NAMES)}")
+    require(d.alpha >= 0, f"dsink.alpha={d.alpha} must be >= 0")
+    require(d.alpha_warmup_epochs >= 0,
+             f"dsink.alpha_warmup_epochs={d.alpha_warmup_epochs} must be >= 0")
+    require(d.epsilon >= MIN_EPSILON,
+             f"dsink.epsilon={d.epsilon} must be >= {MIN_EPSILON} (the paper uses 2)")
+    require(d.student_logit_adjustment >= 0,
+             f"dsink.student_logit_adjustment={d.student_logit_adjustment} must be >= 0")
+    require(d.num_iters >= 1, f"dsink.num_iters={d.num_iters} must be >= 1")
+    require(d.backend in BACKENDS,
+             f"dsink.backend={d.backend!r}; allowed: {', '.join(BACKENDS)}")
+    require(d.class_mass in CLASS_MASS_MODES,
+             f"dsink.class_mass={d.class_mass!r}; allowed: {', '.join(CLASS_MASS_MODES)}")
+    require(d.base_loss in BASE_LOSSES,
+             f"dsink.base_loss={d.base_loss!r}; allowed: {', '.join(BASE_LOSSES)}")
+    require(d.allocation in ALLOCATIONS,
+             f"dsink.allocation={d.allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    require(d.refresh_every_epochs >= 1,
+             f"dsink.refresh_every_epochs={d.refresh_every_epochs} must be >= 1")
+    require(0 < d.potential_learning_rate <= 1,
+             f"dsink.potential_learning_rate={d.potential_learning_rate} must be in (0, 1]")
+    require(d.init_from in INIT_FROM, f"dsink.init_from={d.init_from!r}; allowed: "
+             f"{', '.join(INIT_FROM)}")
+    if d.init_from == "imbalance_teacher":
+        require(LOSS_HEADS[d.imbalance_loss] == "linear",
+                 f"dsink.init_from=imbalance_teacher needs an f_L with the student's linear "
+                 f"head; dsink.imbalance_loss={d.imbalance_loss!r} has a cosine head (allowed: "
+                 f"any loss but ldam_drw)")
+    require(d.inference in INFERENCE_MODES,
+             f"dsink.inference={d.inference!r}; allowed: {', '.join(INFERENCE_MODES)}")
+    require(d.inference != "class_mass" or d.allocation != "batch" or d.class_mass == "global",
+             "dsink.inference=class_mass needs the training-set class mass: dsink.allocation="
+             "dataset or online, or dsink.class_mass=global")
+    require(bool(d.stage_name) and d.stage_name == os.path.basename(d.stage_name)
+             and d.stage_name not in LOSS_NAMES + ("plots",),
+             f"dsink.stage_name={d.stage_name!r} must be a plain directory name other than a "
+             f"loss name or 'plots'")
+
+
+TEACHER_ROLES = (("baseline", "baseline_loss"), ("imbalance_teacher", "imbalance_loss"),
+                 ("noise_teacher", "noise_loss"))
+
+
+def train_teachers(config, workdir: str, training_set) -> dict:
+    """Trains (or reuses) the CE baseline and the two auxiliaries of the `dsink` family.
+
+    Each stage lives in `workdir/<loss>/`, named by its loss, so that trying another f_N or f_L
+    in the same workdir adds a stage instead of replacing one. `dsink.baseline_loss="none"`
+    skips the reference stage (it does not feed the student).
+
+    Returns:
+      {"rows": table rows, "curves": correction-rate curves, "objective": the student's bound
+       D-SINK objective, "teacher_models" / "teacher_variables": the frozen modules and
+       variables whose logits the student's step needs (per `dsink.allocation`),
+       "refresh_extra": the loop hook of the "dataset" allocation (else None), "class_mass":
+       the training-set class mass of f_L (None in the "batch" mode with `class_mass=batch`),
+       "stage_variables": {role: (model, variables)}, "fingerprints": the teachers' parameter
+       hashes}.
+    """
+    d = config.dsink
+    rows, curves, stages = [], {}, {}
+    for role, field in TEACHER_ROLES:
+        loss = d[field]
+        if loss == "none":
+            continue
+        method = build_method(config, training_set, loss=loss)
+        stage_dir = os.path.join(workdir, loss)
+        results, state = train_or_reuse_stage(
+            config, stage_dir, training_set=training_set, method=method, name=role,
+            identity=stage_identity(config, loss))
+        rows.append(stage_row(role, loss, results))
+        curves[role] = plots.read_metric_curve(os.path.join(stage_dir, "metrics.jsonl"),
+                                               "correction_rate")
+        stages[role] = (method.model, state.variables)
+
+    noise_model, noise_vars = stages["noise_teacher"]
+    imbalance_model, imbalance_vars = stages["imbalance_teacher"]
+    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    augment = augment_for(config, training_set)
+
+    def train_logits(model, variables):  # eval mode, unaugmented training images
+        predict = jax.jit(lambda v, x: step_lib.predict_logits(v, x, model=model,
+                                                               augment=augment))
+        return step_lib.batched_predict(predict, variables, training_set.x_train,
+                                        config.eval_batch_size)
+
+    class_mass = None
+    if d.class_mass == "global" or d.allocation != "batch":
+        class_mass = np.asarray(global_class_mass(train_logits(imbalance_model, imbalance_vars)))
+    objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
+                                     steps_per_epoch=steps_per_epoch, class_mass=class_mass,
+                                     class_counts=training_set.noisy_class_counts,
+                                     la_tau=config.loss_options.la_tau)
+    by_role = {"noise": (noise_model, noise_vars), "imbalance": (imbalance_model, imbalance_vars)}
+    needed = [by_role[r] for r in ALLOCATION_TEACHERS[d.allocation]]
+    refresh = None
+    if d.allocation == "dataset":
+        refresh = dataset_allocation_refresh(
+            d, noise_teacher_logits=train_logits(noise_model, noise_vars), class_mass=class_mass,
+            class_counts=training_set.noisy_class_counts, train_images=training_set.x_train,
+            every_epochs=int(d.refresh_every_epochs))
+    return {"rows": rows, "curves": curves, "objective": objective,
+            "teacher_models": tuple(m for m, _ in needed),
+            "teacher_variables": tuple(v for _, v in needed),
+            "refresh_extra": refresh, "class_mass": class_mass, "stage_variables": stages,
+            "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)
+                             for role in ("imbalance_teacher", "noise_teacher")]}
+
+
+def inference_priors(config, training_set, class_mass: np.ndarray | None) -> dict:
+    """The class priors a post-hoc correction may divide out: {name: [C] or None}.
+
+    "raw": no correction; "label_prior": the given-label distribution; "class_mass": f_L's class
+    mass over the training set (the allocation's class marginal in the dataset modes).
+    """
+    counts = np.maximum(training_set.noisy_class_counts, 1).astype(np.float64)
+    priors = {"raw": None, "label_prior": counts / counts.sum()}
+    if class_mass is not None:
+        priors["class_mass"] = np.asarray(class_mass, np.float64)
+    return priors
+
+
+def posthoc_evaluations(config, training_set, method, state, priors: dict) -> dict:
+    """Test summaries of the final model under each post-hoc correction (logits - log prior).
+
+    One forward pass over the test set; returns {name: {"test_accuracy", "many_shot_accuracy",
+    "medium_shot_accuracy", "few_shot_accuracy", "per_class_accuracy"}}.
+    """
+    mesh = parallel.make_mesh(config.num_devices)
+    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    predict = jax.jit(lambda s, x: step_lib.predict_logits(s.variables, x, model=method.model,
+                                                           augment=method.augment),
+                      in_shardings=(rep, sharded), out_shardings=rep)
+    batch = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
+    logits = step_lib.batched_predict(predict, parallel.replicate(state, mesh),
+                                      training_set.x_test, batch,
+                                      put=functools.partial(parallel.global_batch, mesh=mesh))
+    out = {}
+    for name, prior in priors.items():
+        adjusted = logits if prior is None else logits - np.log(np.maximum(prior, 1e-12))
+        summary = loop.summarise_predictions(adjusted.argmax(-1), None, training_set, config)
+        out[name] = {k: summary[k] for k in ("test_accuracy", "many_shot_accuracy",
+                                             "medium_shot_accuracy", "few_shot_accuracy",
+                                             "per_class_accuracy")}
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (METHOD.md §1).
+
+    Each stage trains in its own directory of `workdir` (teachers under their loss's name, the
+    student under `dsink.stage_name`) with its own checkpoints and `results.json`; a finished
+    stage is reused when the command runs again. The teachers are frozen and passed to the
+    student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
+    `workdir/results.md` and `workdir/plots/*.png`; returns the summary.
+    """
+    validate(config)
+    check_workdir(workdir)
+    training_set = prepare_training_set(config)
+    d = config.dsink
+    teachers = train_teachers(config, workdir, training_set)
+    rows, curves = teachers["rows"], teachers["curves"]
+    method = build_method(config, training_set, objective=teachers["objective"],
+                          teacher_models=teachers["teacher_models"])
+    init_variables = None
+    if d.init_from == "imbalance_teacher":
+        init_variables = teachers["stage_variables"]["imbalance_teacher"][1]
+    priors = inference_priors(config, training_set, teachers["class_mass"])
+    shift = (None if priors[d.inference] is None
+             else -np.log(np.maximum(priors[d.inference], 1e-12)).astype(np.float32))
+
+    def predict_fn(state, images):
+        logits = step_lib.predict_logits(state.variables, images, model=method.model,
+                                         augment=method.augment)
+        return logits if shift is None else logits + shift
+
+    student_dir = os.path.join(workdir, d.stage_name)
+    identity = {**stage_identity(config, "dsink"), "dsink": d.to_dict(),
+                "teachers": teachers["fingerprints"]}
+    results, state = train_or_reuse_stage(
+        config, student_dir, training_set=training_set, method=method, name=d.stage_name,
+        identity=identity, teacher_variables=teachers["teacher_variables"],
+        refresh_extra=teachers["refresh_extra"], init_variables=init_variables,
+        predict_fn=predict_fn)
+    student_row = stage_row("student", "dsink", results)
+    student_row["posthoc"] = posthoc_evaluations(config, training_set, method, state, priors)
+    student_row["dsink"] = d.to_dict()
+    metrics_path = os.path.join(student_dir, "metrics.jsonl")
+    epochs, values = plots.read_metric_curve(metrics_path, "train_allocation_accuracy")
+    student_row["allocation_accuracy"] = values[-1] if values else None
+    _, corr = plots.read_metric_curve(metrics_path, "train_allocation_correction")
+    student_row["allocation_correction"] = corr[-1] if corr else None
+    rows.append(student_row)
+    curves["student"] = plots.read_metric_curve(metrics_path, "correction_rate")
+    curves["student allocation (train, running)"] = plots.read_metric_curve(
+        metrics_path, "train_allocation_correction")
+
+    plot_dir = os.path.join(workdir, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    plots.per_class_accuracy_vs_size(rows, training_set.class_counts,
+                                     os.path.join(plot_dir, "per_class_accuracy.png"))
+    plots.correction_over_epochs(curves, os.path.join(plot_dir, "correction_rate.png"))
+    markdown = write_summary(
+        workdir, rows, training_set,
+        extra_columns=(("allocation_accuracy", "alloc. acc."),
+                       ("allocation_correction", "alloc. corrected")),
+        extra={"dsink": d.to_dict(), "allocation_accuracy_curve": {"epochs": epochs,
+                                                                 "values": values}})
+    print(markdown)
+    return {"stages": rows}
