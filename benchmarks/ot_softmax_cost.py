@@ -5,11 +5,12 @@ Usage (from the repository root)::
     python benchmarks/ot_softmax_cost.py --num-classes 100 --batch-size 128 --repeats 5 \\
         --steps 3 --json /tmp/ot_softmax_cost.json
 
-The step is `dsink_jax.train.ot_softmax.ot_softmax_step` (two augmented views, cosine
-classifier + OT heights, SupCon, SGD update, then the warm-started re-solve of the heights),
-built as `dsink_jax.pipelines.run_ot_softmax` builds it: `build_ot_softmax_config`, a ResNet-8
-backbone with a cosine head (feature dim d = 64 at width 1), `OTSoftmaxNet`, the config's
-optimizer and `OTSoftmaxOptions.from_config`; jitted with the state donated, on one fixed batch
+The step is the library's one `dsink_jax.train.step.train_step` with the OT-softmax objective
+(`dsink_jax.train.objectives.make_ot_softmax_objective`: two augmented views, cosine classifier +
+OT heights, SupCon, SGD update, then the warm-started re-solve of the heights), built as the
+`ot_softmax` pipeline builds it: its config, a ResNet-8 backbone with a cosine head (feature dim
+d = 64 at width 1) under `models.ProjectionNet`, the config's optimizer; jitted with the state
+donated, on one fixed batch
 of synthetic uint8 32x32 images with C classes (long tail 10, so nu = class frequencies is not
 uniform). Variants, for every (solve_steps, num_samples) of ``--solve-steps`` x ``--num-samples``:
 
@@ -29,7 +30,6 @@ d = 64.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import json
@@ -40,16 +40,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Runnable without installing the package: `python benchmarks/ot_softmax_cost.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsink_jax import configs, pipelines  # noqa: E402
+from dsink_jax import pipelines  # noqa: E402
+from dsink_jax.models import classifier_weights  # noqa: E402
 from dsink_jax.ot import update_potential  # noqa: E402
-from dsink_jax.train import optim  # noqa: E402
-from dsink_jax.train import ot_softmax as ots  # noqa: E402
 from dsink_jax.train import step as step_lib  # noqa: E402
+from dsink_jax.train.objectives import OT_INFERENCE_MODES, make_ot_softmax_objective  # noqa: E402
 from step_cost import (caller, check_positive, fixed_batch, machine_line,  # noqa: E402
                        paired_ratio, spread, stepper, synthetic_training_set, time_interleaved)
 
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--solve-steps", default="1,5", help="comma list of dual steps per solve")
     parser.add_argument("--num-samples", default="1024,4096",
                         help="comma list of Monte-Carlo points per dual step")
-    parser.add_argument("--inference", default="raw", choices=ots.INFERENCE_MODES,
+    parser.add_argument("--inference", default="raw", choices=OT_INFERENCE_MODES,
                         help="'balanced' re-solves a second potential per step")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (medians over them)")
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per repeat")
@@ -95,49 +96,50 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    """Config, training set, method and base options, as `run_ot_softmax` assembles them."""
+    """Config and training set, as the `ot_softmax` pipeline assembles them."""
     config = pipelines.ot_softmax.build_config({**pipelines.ot_softmax.ARGS, "dataset": "cifar100",
-                                              "model": args.model, "preset": "cpu",
-                                              "inference": args.inference, "seed": args.seed})
+                                               "model": args.model, "preset": "cpu",
+                                               "inference": args.inference, "seed": args.seed})
     config.optim.batch_size = args.batch_size
     training_set = synthetic_training_set(num_classes=args.num_classes,
                                           batch_size=args.batch_size, seed=args.seed)
-    o = config.ot_softmax
-    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
-    backbone = pipelines.common.make_model(config, training_set.num_classes, head="cosine")
-    method = step_lib.Method(
-        model=ots.OTSoftmaxNet(backbone=backbone, projection_dim=int(o.projection_dim)),
-        tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
-        objective=ots.potential_objective(training_set.num_classes),
-        augment=pipelines.common.augment_for(config, training_set))
-    options = ots.OTSoftmaxOptions.from_config(o, training_set.noisy_class_counts)
-    return config, training_set, method, options
+    return config, training_set
+
+
+def build_method(config, training_set, **solver):
+    """The OT-softmax method with `config.ot_softmax` updated by `solver` (e.g. solve_every)."""
+    options = config.ot_softmax.copy_and_resolve_references()
+    with options.unlocked():
+        options.update(solver)
+    objective = make_ot_softmax_objective(options, class_counts=training_set.noisy_class_counts)
+    return pipelines.build_method(config, training_set, objective=objective), options
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config, training_set, method, base_options = build(args)
+    config, training_set = build(args)
     batch = jax.device_put(fixed_batch(training_set, args.batch_size, args.seed))
     sample = training_set.x_train[:1]
     rng = jax.random.PRNGKey(args.seed)
 
-    def step_runner(options):
-        fn = jax.jit(functools.partial(ots.ot_softmax_step, method=method, options=options),
-                     donate_argnums=0)
-        return stepper(fn, step_lib.init_state(method, rng, sample), batch)
+    def step_runner(**solver):
+        method, options = build_method(config, training_set, **solver)
+        fn = jax.jit(functools.partial(step_lib.train_step, method=method), donate_argnums=0)
+        return stepper(fn, step_lib.init_state(method, rng, sample), batch), method, options
 
-    state0 = step_lib.init_state(method, rng, sample)
-    weights = ots.class_weights(state0.params)  # [C, d]
-    nu = jnp.asarray(base_options.target_mass, jnp.float32)
+    counts = np.maximum(training_set.noisy_class_counts, 1)
+    nu = jnp.asarray(counts / counts.sum(), jnp.float32)  # train_target "prior"
     solves_per_step = 2 if args.inference == "balanced" else 1
 
     runners, calls, configs_run = {}, {}, []
-    runners["no-solve"] = step_runner(dataclasses.replace(base_options, solve_every=NEVER))
+    runners["no-solve"], method, _ = step_runner(solve_every=NEVER)
+    state0 = step_lib.init_state(method, rng, sample)
+    weights = classifier_weights(state0.params)  # [C, d]
     calls["no-solve"] = args.steps
     for k, n in itertools.product(args.solve_steps_list, args.num_samples_list):
-        options = dataclasses.replace(base_options, solve_every=1, solve_steps=k, num_samples=n)
         tag = f"{k}x{n}"
-        runners[f"step {tag}"] = step_runner(options)
+        runners[f"step {tag}"], _, options = step_runner(solve_every=1, solve_steps=k,
+                                                         num_samples=n)
         calls[f"step {tag}"] = args.steps
         # The re-solve the training step makes.
         solve = jax.jit(lambda w, h, key, options=options: update_potential(

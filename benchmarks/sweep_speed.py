@@ -7,7 +7,7 @@ Usage (from the repository root)::
 
 Eight D-SINK students (one per alpha of ``--alphas``) train on the same batch:
 
-* ``vmapped``: `dsink_jax.sweep.sweep_step` for S steps: the batch is augmented and the two
+* ``vmapped``: `dsink_jax.train.step.members_step` for S steps: the batch is augmented and the two
   frozen teachers run once per step for all members, the student update is vmapped over the
   member axis (the program `run_dsink_sweep` runs);
 * ``sequential``: the single-student `train_step`, jitted once, run for S steps on each member in
@@ -45,7 +45,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsink_jax import configs, pipelines, sweep  # noqa: E402
+from dsink_jax import configs, pipelines  # noqa: E402
 from dsink_jax.train import step as step_lib  # noqa: E402
 from step_cost import (build_dsink_methods, check_positive, fixed_batch,  # noqa: E402
                        machine_line, paired_ratio, spread, stepper, synthetic_training_set,
@@ -112,27 +112,28 @@ def build(args: argparse.Namespace):
 def main(argv=None) -> int:
     args = parse_args(argv)
     config, training_set, method, teacher_variables = build(args)
-    members = sweep.members_of({"alpha": args.alpha_list}, config)
+    members = pipelines.dsink.members_of({"alpha": args.alpha_list}, config)
     num_members = len(members)
     sample = training_set.x_train[:1]
     batch = jax.device_put(fixed_batch(training_set, config.optim.batch_size, args.seed))
     data_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
 
-    # (i) the sweep's program, as run_dsink_sweep jits it.
-    sweep_fn = jax.jit(functools.partial(sweep.sweep_step, method=method), donate_argnums=0)
-    vmapped = stepper(sweep_fn, sweep.init_members(method, members, sample), batch,
-                      teacher_variables, data_rng)
+    # (i) the sweep's program, as the loop jits it for a sweep.
+    sweep_fn = jax.jit(functools.partial(step_lib.members_step, data_rng=data_rng, method=method),
+                       donate_argnums=0)
+    vmapped = stepper(sweep_fn, pipelines.dsink.init_members(method, members, sample), batch,
+                      teacher_variables)
     # (i') the same program with the member updates written out one after another
     # (`--members=unroll`).
-    unroll_fn = jax.jit(functools.partial(sweep.sweep_step, method=method, members="unroll"),
-                        donate_argnums=0)
-    unrolled = stepper(unroll_fn, sweep.init_members(method, members, sample), batch,
-                       teacher_variables, data_rng)
+    unroll_fn = jax.jit(functools.partial(step_lib.members_step, data_rng=data_rng,
+                                          method=method, mode="unroll"), donate_argnums=0)
+    unrolled = stepper(unroll_fn, pipelines.dsink.init_members(method, members, sample), batch,
+                       teacher_variables)
 
     # (ii) one single-student program (train_step, donated; the loop's jit on one device), run
     # on each member in turn.
     single_fn = jax.jit(functools.partial(step_lib.train_step, method=method), donate_argnums=0)
-    stacked = sweep.init_members(method, members, sample)
+    stacked = pipelines.dsink.init_members(method, members, sample)
     singles = [stepper(single_fn, jax.tree.map(lambda x, i=i: x[i], stacked), batch,
                        teacher_variables) for i in range(num_members)]
 

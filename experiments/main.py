@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from dsink_jax import configs as configs_lib
 from dsink_jax import pipelines
+from dsink_jax.train.workdir import WorkdirBusyError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -32,7 +33,7 @@ def main(argv):
         jax.distributed.initialize()  # before any other JAX call
     try:
         pipelines.run(_CONFIG.value, _WORKDIR.value)
-    except (configs_lib.ConfigError, PermissionError) as err:
+    except (configs_lib.ConfigError, PermissionError, WorkdirBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -17,7 +17,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dsink_jax import configs as configs_lib
-from dsink_jax import sweep
+from dsink_jax.pipelines import dsink
+from dsink_jax.train.workdir import WorkdirBusyError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A dsink-family config file.",
                                           lock_config=True)
@@ -42,9 +43,9 @@ def main(argv):
             raise configs_lib.ConfigError(
                 f"sweeps train D-SINK students: use experiments/configs/dsink.py "
                 f"(got family {config.family!r})")
-        grid = sweep.parse_sweep(_SWEEP.value)
-        sweep.run_dsink_sweep(config, _WORKDIR.value, grid, members_mode=_MEMBERS.value)
-    except (configs_lib.ConfigError, PermissionError, ValueError) as err:
+        grid = dsink.parse_sweep(_SWEEP.value)
+        dsink.run_sweep(config, _WORKDIR.value, grid, members_mode=_MEMBERS.value)
+    except (configs_lib.ConfigError, PermissionError, ValueError, WorkdirBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

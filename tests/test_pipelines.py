@@ -3,9 +3,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
-from dsink_jax import configs, pipelines, sweep
+from dsink_jax import configs, pipelines
 
 
 def dsink_smoke_config(**overrides):
@@ -104,8 +105,8 @@ def test_student_variants_reuse_the_teachers(dsink_run, capsys, overrides):
 def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
     workdir, summary = dsink_run
     config = dsink_smoke_config()
-    grid = sweep.parse_sweep([f"alpha=1,{config.dsink.alpha:g}"])
-    result = sweep.run_dsink_sweep(config, workdir, grid)
+    grid = pipelines.dsink.parse_sweep([f"alpha=1,{config.dsink.alpha:g}"])
+    result = pipelines.dsink.run_sweep(config, workdir, grid)
     members = {m["alpha"]: m for m in result["members"]}
     single = summary["stages"][-1]
     same = members[config.dsink.alpha]
@@ -113,7 +114,29 @@ def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
     assert same["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
     assert same["per_class_accuracy"] == pytest.approx(single["per_class_accuracy"], abs=1e-9)
     assert os.path.exists(os.path.join(workdir, "sweep", "summary.md"))
-    assert os.path.exists(os.path.join(workdir, "sweep", "alpha1", "results.json"))
+    # Every member gets a single run's outputs: results, metrics per epoch, TensorBoard.
+    for name in ("alpha1", f"alpha{config.dsink.alpha:g}"):
+        member_dir = os.path.join(workdir, "sweep", name)
+        on_disk = json.loads(open(os.path.join(member_dir, "results.json")).read())
+        assert on_disk["diverged_at_step"] is None and "provenance" in on_disk
+        epochs = [json.loads(l)["epoch"] for l in open(os.path.join(member_dir, "metrics.jsonl"))]
+        assert epochs == list(range(1, config.optim.epochs + 1))
+        assert os.listdir(os.path.join(member_dir, "tensorboard"))
+
+
+def test_a_diverged_member_is_reported_and_the_others_go_on(dsink_run, tmp_path):
+    workdir, summary = dsink_run
+    config = dsink_smoke_config()
+    config.optim.epochs = 1
+    grid = {"learning_rate": [config.optim.learning_rate, 1e30]}
+    result = pipelines.dsink.run_sweep(config, str(tmp_path), grid)
+    rows = {r["learning_rate"]: r for r in result["members"]}
+    bad, good = rows[1e30], rows[config.optim.learning_rate]
+    assert bad["diverged_at_step"] is not None and good["diverged_at_step"] is None
+    assert result["members"][-1] is bad  # ranked last
+    assert np.isfinite(good["test_accuracy"]) and good["test_accuracy"] > 0.1
+    table = open(tmp_path / "sweep" / "summary.md").read()
+    assert f"(diverged at step {bad['diverged_at_step']})" in table
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -123,7 +146,7 @@ def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
 ])
 def test_bad_sweep_specs(spec, message):
     with pytest.raises(ValueError, match=message):
-        sweep.parse_sweep(spec)
+        pipelines.dsink.parse_sweep(spec)
 
 
 def test_bad_dsink_options_fail_before_training(tmp_path):

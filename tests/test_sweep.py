@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsink_jax import configs, pipelines, sweep
+from dsink_jax import pipelines
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.objectives import make_dsink_objective
 
@@ -21,20 +21,21 @@ def setup():
                                      steps_per_epoch=10)
     method = pipelines.build_method(config, training_set, objective=objective,
                                     teacher_models=(teacher, teacher))
-    members = sweep.members_of({"alpha": [0.5, 4.0], "learning_rate": [0.01, 0.1]}, config)
+    members = pipelines.dsink.members_of({"alpha": [0.5, 4.0], "learning_rate": [0.01, 0.1]}, config)
     idx = np.arange(64, dtype=np.int32)
     batch = {"images": training_set.x_train[idx], "labels": training_set.noisy_labels[idx],
              "indices": idx}
     return config, method, members, batch, (teacher_vars, teacher_vars), training_set
 
 
-@pytest.mark.parametrize("mode", sweep.MEMBER_MODES)
+@pytest.mark.parametrize("mode", step_lib.MEMBER_MODES)
 def test_sweep_step_equals_single_steps(setup, mode):
     config, method, members, batch, teacher_vars, training_set = setup
     data_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
-    states = sweep.init_members(method, members, training_set.x_train[:1])
-    step = jax.jit(functools.partial(sweep.sweep_step, method=method, members=mode))
-    swept, metrics = step(states, batch, teacher_vars, data_rng)
+    states = pipelines.dsink.init_members(method, members, training_set.x_train[:1])
+    step = jax.jit(functools.partial(step_lib.members_step, data_rng=data_rng, method=method,
+                                     mode=mode))
+    swept, metrics = step(states, batch, teacher_vars)
     assert metrics["loss"].shape == (4,)
     for i in range(len(members)):
         alone = jax.tree.map(lambda x, i=i: x[i], states)
@@ -48,5 +49,5 @@ def test_sweep_step_equals_single_steps(setup, mode):
 
 
 def test_unknown_member_mode():
-    with pytest.raises(ValueError, match="members='pmap'; allowed: vmap, unroll"):
-        sweep.sweep_step(None, None, None, None, method=None, members="pmap")
+    with pytest.raises(ValueError, match="mode='pmap'; allowed: vmap, unroll"):
+        step_lib.members_step(None, None, data_rng=None, method=None, mode="pmap")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsink_jax.models.projection import ProjectionNet, classifier_weights
 from dsink_jax.models.resnet import CifarResNet, PreActResNet18, option_a_shortcut
 from dsink_jax.models.small import HEADS, MLP, CosineClassifier, SmallCNN, check_head, scaled_width
 
@@ -35,7 +36,9 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "PreActResNet18",
+    "ProjectionNet",
     "SmallCNN",
+    "classifier_weights",
     "count_params",
     "get_model",
     "option_a_shortcut",

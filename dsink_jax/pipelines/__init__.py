@@ -11,6 +11,7 @@ They are importable, so a notebook or a test runs exactly what `experiments/main
 """
 
 from dsink_jax import configs as configs_lib
+from dsink_jax.train.workdir import WorkdirLock, ensure_writable_dir
 from dsink_jax.pipelines import baseline, dsink, ot_softmax
 from dsink_jax.pipelines.common import (build_method, prepare_training_set, results_table,
                                         train_or_reuse_stage)
@@ -31,8 +32,14 @@ def get_config(family: str, arg: str | None = None):
 
 
 def run(config, workdir: str) -> dict:
-    """Runs the pipeline of `config.family`."""
+    """Runs the pipeline of `config.family`, holding the workdir (one run per workdir).
+
+    The config is validated first, so a bad value fails before anything is written.
+    """
     if config.family not in FAMILIES:
         raise configs_lib.ConfigError(
             f"unknown family {config.family!r}; allowed: {', '.join(FAMILIES)}")
-    return FAMILIES[config.family].run(config, workdir)
+    family = FAMILIES[config.family]
+    family.validate(config)
+    with WorkdirLock(ensure_writable_dir(workdir)):
+        return family.run(config, workdir)

@@ -19,6 +19,7 @@ from dsink_jax import models as models_lib
 from dsink_jax.train import loop, optim, parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
+from dsink_jax.train.workdir import ensure_writable_dir, write_json
 from dsink_jax.train.objectives import LOSS_KIND, Objective, make_objective
 
 
@@ -63,8 +64,11 @@ def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None
             loss or config.loss, config.loss_options,
             class_counts=training_set.noisy_class_counts, num_train=training_set.x_train.shape[0],
             steps_per_epoch=steps_per_epoch, epochs=config.optim.epochs)
+    model = make_model(config, training_set.num_classes, head=objective.head)
+    if objective.projection_dim:
+        model = models_lib.ProjectionNet(backbone=model, projection_dim=objective.projection_dim)
     return step_lib.Method(
-        model=make_model(config, training_set.num_classes, head=objective.head),
+        model=model,
         tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
         objective=objective, augment=augment_for(config, training_set),
         teacher_models=tuple(teacher_models))
@@ -72,7 +76,7 @@ def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None
 
 def check_workdir(workdir: str) -> None:
     """Fails fast when the workdir cannot be written (after the family's `validate`)."""
-    loop.ensure_writable_dir(workdir)
+    ensure_writable_dir(workdir)
 
 
 # --------------------------------------------------------------------------- tables
@@ -126,7 +130,7 @@ def write_summary(workdir: str, rows: list[dict], training_set: data_lib.Trainin
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(markdown)
     summary = {"data": training_set.summary(), "stages": rows, **(extra or {})}
-    loop.write_json(os.path.join(workdir, "results.json"), summary)
+    write_json(os.path.join(workdir, "results.json"), summary)
     return markdown
 
 
@@ -175,12 +179,12 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
                 print(f"[{name}] reusing the finished stage in {stage_dir}")
                 with open(results_path) as f:
                     return json.load(f), restored[0]
-    loop.ensure_writable_dir(stage_dir)
-    loop.write_json(identity_path, identity)
+    ensure_writable_dir(stage_dir)
+    write_json(identity_path, identity)
     results, state = loop.train(config, stage_dir, training_set=training_set, method=method,
                                 name=name, **train_kwargs)
     results["identity"] = identity
-    loop.write_json(results_path, results)
+    write_json(results_path, results)
     return results, state
 
 

@@ -9,11 +9,13 @@ over the whole training set between epochs, or online with a carried class poten
 from __future__ import annotations
 
 import functools
-import json
+import itertools
 import os
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -23,11 +25,13 @@ from dsink_jax.configs import require
 from dsink_jax.losses.dsink import BASE_LOSSES, global_class_mass
 from dsink_jax.ot.backends import BACKENDS
 from dsink_jax.ot.sinkhorn import MIN_EPSILON
-from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir,
-                                        prepare_training_set, stage_identity, stage_row,
-                                        train_or_reuse_stage, write_summary)
+from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir, data_header,
+                                        format_percent, prepare_training_set, results_table,
+                                        stage_identity, stage_row, train_or_reuse_stage,
+                                        write_summary)
 from dsink_jax.train import loop, parallel
 from dsink_jax.train import step as step_lib
+from dsink_jax.train.workdir import WorkdirLock, write_json
 from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
                                         LOSS_HEADS, LOSS_NAMES, dataset_allocation_refresh,
                                         make_dsink_objective)
@@ -158,7 +162,7 @@ def train_teachers(config, workdir: str, training_set) -> dict:
        variables whose logits the student's step needs (per `dsink.allocation`),
        "refresh_extra": the loop hook of the "dataset" allocation (else None), "class_mass":
        the training-set class mass of f_L (None in the "batch" mode with `class_mass=batch`),
-       "stage_variables": {role: (model, variables)}, "fingerprints": the teachers' parameter
+       "priors": the post-hoc priors (see `inference_priors`), "stage_variables": {role: (model, variables)}, "fingerprints": the teachers' parameter
        hashes}.
     """
     d = config.dsink
@@ -191,10 +195,12 @@ def train_teachers(config, workdir: str, training_set) -> dict:
     class_mass = None
     if d.class_mass == "global" or d.allocation != "batch":
         class_mass = np.asarray(global_class_mass(train_logits(imbalance_model, imbalance_vars)))
+    priors = inference_priors(training_set, class_mass)
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=steps_per_epoch, class_mass=class_mass,
                                      class_counts=training_set.noisy_class_counts,
-                                     la_tau=config.loss_options.la_tau)
+                                     la_tau=config.loss_options.la_tau,
+                                     test_prior=priors[d.inference])
     by_role = {"noise": (noise_model, noise_vars), "imbalance": (imbalance_model, imbalance_vars)}
     needed = [by_role[r] for r in ALLOCATION_TEACHERS[d.allocation]]
     refresh = None
@@ -206,12 +212,13 @@ def train_teachers(config, workdir: str, training_set) -> dict:
     return {"rows": rows, "curves": curves, "objective": objective,
             "teacher_models": tuple(m for m, _ in needed),
             "teacher_variables": tuple(v for _, v in needed),
-            "refresh_extra": refresh, "class_mass": class_mass, "stage_variables": stages,
+            "refresh_extra": refresh, "class_mass": class_mass, "priors": priors,
+            "stage_variables": stages,
             "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)
                              for role in ("imbalance_teacher", "noise_teacher")]}
 
 
-def inference_priors(config, training_set, class_mass: np.ndarray | None) -> dict:
+def inference_priors(training_set, class_mass: np.ndarray | None) -> dict:
     """The class priors a post-hoc correction may divide out: {name: [C] or None}.
 
     "raw": no correction; "label_prior": the given-label distribution; "class_mass": f_L's class
@@ -269,25 +276,16 @@ def run(config, workdir: str) -> dict:
     init_variables = None
     if d.init_from == "imbalance_teacher":
         init_variables = teachers["stage_variables"]["imbalance_teacher"][1]
-    priors = inference_priors(config, training_set, teachers["class_mass"])
-    shift = (None if priors[d.inference] is None
-             else -np.log(np.maximum(priors[d.inference], 1e-12)).astype(np.float32))
-
-    def predict_fn(state, images):
-        logits = step_lib.predict_logits(state.variables, images, model=method.model,
-                                         augment=method.augment)
-        return logits if shift is None else logits + shift
-
     student_dir = os.path.join(workdir, d.stage_name)
     identity = {**stage_identity(config, "dsink"), "dsink": d.to_dict(),
                 "teachers": teachers["fingerprints"]}
     results, state = train_or_reuse_stage(
         config, student_dir, training_set=training_set, method=method, name=d.stage_name,
         identity=identity, teacher_variables=teachers["teacher_variables"],
-        refresh_extra=teachers["refresh_extra"], init_variables=init_variables,
-        predict_fn=predict_fn)
+        refresh_extra=teachers["refresh_extra"], init_variables=init_variables)
     student_row = stage_row("student", "dsink", results)
-    student_row["posthoc"] = posthoc_evaluations(config, training_set, method, state, priors)
+    student_row["posthoc"] = posthoc_evaluations(config, training_set, method, state,
+                                                 teachers["priors"])
     student_row["dsink"] = d.to_dict()
     metrics_path = os.path.join(student_dir, "metrics.jsonl")
     epochs, values = plots.read_metric_curve(metrics_path, "train_allocation_accuracy")
@@ -312,3 +310,146 @@ def run(config, workdir: str) -> dict:
                                                                  "values": values}})
     print(markdown)
     return {"stages": rows}
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SWEEPABLE = ("alpha", "epsilon", "learning_rate", "weight_decay", "seed")
+# Student options the sweep's shared program handles (a dataset-level solve between epochs, a
+# warm start and a post-hoc correction are single-run features).
+SWEEP_SUPPORTS = {"allocation": ("batch", "online"), "init_from": ("scratch",),
+                  "inference": ("raw",)}
+
+
+def parse_sweep(specs: list[str]) -> dict[str, list[float]]:
+    """Parses `["alpha=0.5,1,2", "epsilon=1,2"]` into `{"alpha": [...], "epsilon": [...]}`.
+
+    Raises:
+      ValueError: unknown name, empty or non-numeric values, a name given twice.
+    """
+    grid: dict[str, list[float]] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"--sweep {spec!r} is not of the form name=v1,v2,...")
+        name, values = (x.strip() for x in spec.split("=", 1))
+        if name not in SWEEPABLE:
+            raise ValueError(f"cannot sweep {name!r}; allowed: {', '.join(SWEEPABLE)}")
+        if name in grid:
+            raise ValueError(f"--sweep {name} given twice")
+        try:
+            parsed = [int(v) if name == "seed" else float(v) for v in values.split(",") if v]
+        except ValueError:
+            raise ValueError(f"--sweep {spec!r}: values must be numbers") from None
+        if not parsed:
+            raise ValueError(f"--sweep {spec!r} has no values")
+        grid[name] = parsed
+    return grid
+
+
+def members_of(grid: dict[str, list[float]], config) -> list[dict]:
+    """The Cartesian product of the grid, each member with all five values filled in."""
+    base = {"alpha": config.dsink.alpha, "epsilon": config.dsink.epsilon,
+            "learning_rate": config.optim.learning_rate,
+            "weight_decay": config.optim.weight_decay, "seed": config.seed}
+    names = list(grid)
+    members = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        member = dict(base, **dict(zip(names, values)))
+        member["name"] = "_".join(f"{n}{v:g}" for n, v in zip(names, values)) or "default"
+        members.append(member)
+    for m in members:
+        if m["alpha"] < 0 or m["epsilon"] <= 0 or m["learning_rate"] <= 0 or m["weight_decay"] < 0:
+            raise ValueError(f"member {m['name']}: alpha >= 0, epsilon > 0, learning_rate > 0 "
+                             f"and weight_decay >= 0 are required; got {m}")
+    return members
+
+
+def init_members(method, members: list[dict], sample_images: np.ndarray):
+    """The stacked state [M, ...]: per-member parameters, hyperparameters and memory.
+
+    alpha and epsilon go to `extra["hparams"]` (read by the D-SINK objective), learning rate
+    and weight decay to the optimizer's injected hyperparameters, the seed to the parameters'
+    initialisation (the data stream follows `config.seed`).
+    """
+    states = []
+    for m in members:
+        s = step_lib.init_state(method, jax.random.PRNGKey(int(m["seed"])), sample_images)
+        hyper = dict(s.opt_state.hyperparams)
+        hyper["learning_rate"] = jnp.asarray(m["learning_rate"], jnp.float32)
+        hyper["weight_decay"] = jnp.asarray(m["weight_decay"], jnp.float32)
+        s = s.replace(opt_state=s.opt_state._replace(hyperparams=hyper),
+                      extra={**s.extra, "hparams": {
+                          "alpha": jnp.asarray(m["alpha"], jnp.float32),
+                          "epsilon": jnp.asarray(m["epsilon"], jnp.float32)}})
+        states.append(s)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
+              members_mode: str = "vmap") -> dict:
+    """Trains the teachers (or reuses them), then every student of `grid` in one program.
+
+    The students are a sweep of the one training loop (`dsink_jax.train.loop.train` with
+    `members`): each gets the metrics, evaluations and results of a single run in
+    `workdir/sweep/<member>/`, and a member with the config's own values and seed trains the
+    same student as `experiments/main.py`. Writes `workdir/sweep/summary.md` and
+    `summary.json` (members ranked by test accuracy, diverged members last). Resumes from
+    `workdir/sweep/checkpoints`.
+    """
+    validate(config)
+    check_workdir(workdir)
+    for field, allowed in SWEEP_SUPPORTS.items():
+        if config.dsink[field] not in allowed:
+            raise configs_lib.ConfigError(
+                f"the sweep does not support dsink.{field}={config.dsink[field]!r}; allowed "
+                f"here: {', '.join(allowed)} (train such students with experiments/main.py)")
+    if members_mode not in step_lib.MEMBER_MODES:
+        raise ValueError(f"members_mode={members_mode!r}; allowed: "
+                         f"{', '.join(step_lib.MEMBER_MODES)}")
+    members = members_of(grid, config)
+    with WorkdirLock(workdir):
+        return _run_sweep(config, workdir, members, members_mode)
+
+
+def _run_sweep(config, workdir, members, members_mode):
+    training_set = prepare_training_set(config)
+    teachers = train_teachers(config, workdir, training_set)
+    method = build_method(config, training_set, objective=teachers["objective"],
+                          teacher_models=teachers["teacher_models"])
+    sweep_dir = os.path.join(workdir, "sweep")
+    start = time.perf_counter()
+    results, _ = loop.train(
+        config, sweep_dir, training_set=training_set, method=method,
+        teacher_variables=teachers["teacher_variables"], name="sweep",
+        members=loop.Members(names=tuple(m["name"] for m in members),
+                             states=init_members(method, members, training_set.x_train[:1]),
+                             mode=members_mode))
+    seconds = time.perf_counter() - start
+    rows = [{**member, **result} for member, result in zip(members, results)]
+    for row in rows:
+        write_json(os.path.join(sweep_dir, row["name"], "results.json"), row)
+    rows.sort(key=lambda r: (r["diverged_at_step"] is None, r["test_accuracy"]), reverse=True)
+    table = ["| rank | member | alpha | epsilon | lr | wd | seed | overall | many | medium | few "
+             "| corrected |", "|" + "---|" * 12]
+    for rank, r in enumerate(rows, 1):
+        diverged = r["diverged_at_step"] is not None
+        cells = [str(rank), r["name"] + (f" (diverged at step {r['diverged_at_step']})"
+                                         if diverged else ""),
+                 f"{r['alpha']:g}", f"{r['epsilon']:g}", f"{r['learning_rate']:g}",
+                 f"{r['weight_decay']:g}", str(r["seed"])]
+        cells += [format_percent(r.get(k)) for k in (
+            "test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy",
+            "correction_rate")]
+        table.append("| " + " | ".join(cells) + " |")
+    markdown = (f"# D-SINK sweep: {len(members)} students in one program\n\n"
+                f"{data_header(training_set)}\n\n"
+                f"Teachers (for reference):\n\n{results_table(teachers['rows'])}\n\n"
+                f"Students, ranked by test accuracy:\n\n" + "\n".join(table) + "\n\n"
+                f"Trained in {seconds:.1f} s.\n")
+    if parallel.is_writer():
+        with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
+            f.write(markdown)
+    write_json(os.path.join(sweep_dir, "summary.json"),
+                    {"members": rows, "teachers": teachers["rows"], "seconds": seconds})
+    print(markdown)
+    return {"members": rows}

@@ -5,7 +5,6 @@ Every field of `config.ot_softmax` is our reconstruction (docs/method.md section
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -14,14 +13,12 @@ import ml_collections
 from dsink_jax import configs as configs_lib
 from dsink_jax import plots
 from dsink_jax.configs import require
-from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir,
-                                        make_model, prepare_training_set, stage_identity,
-                                        stage_row, train_or_reuse_stage, write_summary)
-from dsink_jax.train import optim
-from dsink_jax.train import ot_softmax as ots
-from dsink_jax.train import step as step_lib
-from dsink_jax.train.objectives import LOSS_NAMES
-from dsink_jax.train.ot_softmax import INFERENCE_MODES, TRAIN_TARGETS
+from dsink_jax.pipelines.common import (build_method, check_workdir, prepare_training_set,
+                                        stage_identity, stage_row, train_or_reuse_stage,
+                                        write_summary)
+from dsink_jax.train.objectives import LOSS_NAMES, make_ot_softmax_objective
+from dsink_jax.train.objectives import OT_INFERENCE_MODES as INFERENCE_MODES
+from dsink_jax.train.objectives import OT_TRAIN_TARGETS as TRAIN_TARGETS
 
 ARGS: dict[str, Any] = {
     **configs_lib.COMMON_ARGS,
@@ -100,20 +97,12 @@ def run(config, workdir: str) -> dict:
             name=loss, identity=stage_identity(config, loss))
         rows.append(stage_row(loss, loss, results))
 
-    options = ots.OTSoftmaxOptions.from_config(o, training_set.noisy_class_counts)
-    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
-    backbone = make_model(config, training_set.num_classes, head="cosine")
-    method = step_lib.Method(
-        model=ots.OTSoftmaxNet(backbone=backbone, projection_dim=int(o.projection_dim)),
-        tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
-        objective=ots.potential_objective(training_set.num_classes),
-        augment=augment_for(config, training_set))
+    objective = make_ot_softmax_objective(o, class_counts=training_set.noisy_class_counts)
+    method = build_method(config, training_set, objective=objective)
     results, _ = train_or_reuse_stage(
         config, os.path.join(workdir, "ot_softmax"), training_set=training_set, method=method,
         name="ot_softmax", identity={**stage_identity(config, "ot_softmax"),
-                                     "ot_softmax": o.to_dict()},
-        step_fn=functools.partial(ots.ot_softmax_step, method=method, options=options),
-        predict_fn=functools.partial(ots.ot_softmax_predict, method=method, options=options))
+                                     "ot_softmax": o.to_dict()})
     rows.append(stage_row("ot_softmax", "ot_softmax", results))
     plot_dir = os.path.join(workdir, "plots")
     os.makedirs(plot_dir, exist_ok=True)

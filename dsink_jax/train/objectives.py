@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsink_jax import losses, ot
+from dsink_jax.models import classifier_weights
 from dsink_jax.losses.dsink import distillation_terms, dsink_loss
 
 LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr")
@@ -39,23 +40,38 @@ LOSS_HEADS = {name: "cosine" if name == "ldam_drw" else "linear" for name in LOS
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A bound objective.
+    """A bound objective: what the one train step needs to know about a method.
 
     Attributes:
       name: the loss name.
-      fn: `fn(logits, labels, *, indices, extra, step, teacher_logits) -> (loss [B], extra, aux)`.
+      fn: `fn(logits, labels, *, indices, extra, step, teacher_logits, outputs, params)
+        -> (per_example_loss, extra, aux)`: `logits` = `outputs[0]`, the model's first output on
+        all views ([V * B, C], view-major), `outputs` the model's whole output tuple, `params`
+        the parameters being differentiated; the loss is the mean of `per_example_loss`.
       init_extra: `init_extra() -> dict` of method state (numpy arrays) for `TrainState.extra`.
-      head: the model head the loss expects ("linear", or "cosine" for LDAM).
+      head: the model head the loss expects ("linear", or "cosine" for LDAM and OT-softmax).
+      num_views: augmented views of each image per step (2 for contrastive losses); the
+        teachers see the first.
+      projection_dim: > 0 adds a projection head of this size (models.ProjectionNet).
+      after_update: optional `(extra, params, *, step, rng) -> extra`, run after the optimizer
+        step with the new parameters (OT-softmax re-solves its heights there).
+      test_logits: optional `(outputs, params, extra) -> logits [B, C]` used for evaluation
+        (eval mode, no augmentation); default `outputs[0]`.
     """
 
     name: str
     fn: Callable[..., tuple[jax.Array, dict, dict]]
     init_extra: Callable[[], dict]
     head: str = "linear"
+    num_views: int = 1
+    projection_dim: int = 0
+    after_update: Callable[..., dict] | None = None
+    test_logits: Callable[..., jax.Array] | None = None
 
-    def __call__(self, logits, labels, *, indices, extra, step, teacher_logits=()):
+    def __call__(self, logits, labels, *, indices, extra, step, teacher_logits=(), outputs=(),
+                 params=None):
         return self.fn(logits, labels, indices=indices, extra=extra, step=step,
-                       teacher_logits=teacher_logits)
+                       teacher_logits=teacher_logits, outputs=outputs, params=params)
 
 
 def _no_extra() -> dict:
@@ -85,8 +101,8 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
     prior = jnp.asarray(np.maximum(counts, 1) / np.maximum(counts, 1).sum(), jnp.float32)
 
     def wrap(per_example):
-        def fn(logits, labels, *, indices, extra, step, teacher_logits):
-            del indices, step, teacher_logits
+        def fn(logits, labels, *, extra, **unused):
+            del unused
             return per_example(logits, labels), extra, {}
         return fn
 
@@ -113,8 +129,8 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
         drw_start = int(round(float(options.drw_start_fraction) * epochs)) * steps_per_epoch
         scale = float(options.ldam_scale)
 
-        def ldam(logits, labels, *, indices, extra, step, teacher_logits):
-            del indices, teacher_logits
+        def ldam(logits, labels, *, extra, step, **unused):
+            del unused
             # Deferred re-weighting: plain LDAM first, class-balanced weights from drw_start on.
             w = jnp.where(step >= drw_start, jnp.asarray(weights, jnp.float32),
                           jnp.ones((num_classes,), jnp.float32))
@@ -125,8 +141,8 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
     # ELR: per-sample target memory carried in the training state.
     lam, beta = float(options.elr_lambda), float(options.elr_beta)
 
-    def elr(logits, labels, *, indices, extra, step, teacher_logits):
-        del step, teacher_logits
+    def elr(logits, labels, *, indices, extra, **unused):
+        del unused
         memory = extra["elr_targets"]
         targets = losses.elr_update_targets(memory[indices], logits, beta=beta)
         loss = losses.elr_loss(logits, labels, targets=targets, lam=lam)
@@ -155,7 +171,8 @@ ALLOCATION_TEACHERS = {"batch": ("noise", "imbalance"), "dataset": (), "online":
 def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_epoch: int,
                          class_mass: np.ndarray | None = None,
                          class_counts: np.ndarray | None = None,
-                         la_tau: float = 1.0) -> Objective:
+                         la_tau: float = 1.0,
+                         test_prior: np.ndarray | None = None) -> Objective:
     """The D-SINK student objective: base loss + alpha * soft CE to the allocation Q.
 
     The teachers' logits arrive as `teacher_logits`, in the order of
@@ -176,6 +193,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
         `student_logit_adjustment` (tau, ours, 0 = off: the student's logits enter the loss,
         both terms and the allocation cost, as `logits + tau * log prior`).
       la_tau: temperature of the "la" base loss.
+      test_prior: [C] an estimated class prior divided out of the test logits (post-hoc
+        correction, `logits - log prior`), or None for the raw logits.
     """
     allocation = str(options.allocation)
     if allocation not in ALLOCATIONS:
@@ -196,7 +215,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     shift = tau * jnp.log(prior) if tau else 0.0
     potential_lr = float(options.potential_learning_rate)
 
-    def fn(logits, labels, *, indices, extra, step, teacher_logits):
+    def fn(logits, labels, *, indices, extra, step, teacher_logits, **unused):
+        del unused
         logits = logits + shift
         hp = extra.get("hparams", {})
         alpha = hp.get("alpha", float(options.alpha))
@@ -249,7 +269,15 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
             c = len(class_mass)
             return {"allocation": np.full((num_train, c), 1.0 / c, np.float32)}
         return {}
-    return Objective("dsink", fn, init_extra)
+
+    test_logits = None
+    if test_prior is not None:
+        test_shift = -jnp.log(jnp.maximum(jnp.asarray(test_prior, jnp.float32), 1e-12))
+
+        def test_logits(outputs, params, extra):
+            del params, extra
+            return outputs[0] + test_shift
+    return Objective("dsink", fn, init_extra, test_logits=test_logits)
 
 
 def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray,
@@ -291,3 +319,95 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
         return {"allocation": np.asarray(q, np.float32)}
 
     return refresh
+
+
+# ----------------------------------------------------------------------- OT-dynamic softmax
+
+OT_INFERENCE_MODES = ("raw", "balanced")  # test logits: s cos, or s cos + h(nu uniform)
+OT_TRAIN_TARGETS = ("prior", "uniform")  # nu of the heights during training
+
+
+def make_ot_softmax_objective(options: Any, *, class_counts: np.ndarray) -> Objective:
+    """OT-dynamic softmax + SupCon (docs/method.md section 2) as an objective of the one step.
+
+    Each step sees two augmented views; the model is a cosine-head backbone with a projection
+    head (`models.ProjectionNet`). The loss per view-example is
+
+        CE(s * cos(W, z) + h, y) + supcon_weight * SupCon(projection, y)
+
+    where the heights `h` (`extra["potential"]`) are not learned: they are the semi-discrete OT
+    potential that gives each class cell the mass nu (given-label frequencies, or uniform) under
+    the uniform measure on the sphere, re-solved after every `solve_every`-th optimizer step for
+    the moved weights (`after_update`, warm-started: the "dynamic" softmax). With
+    `inference="balanced"` a second potential for uniform masses
+    (`extra["balanced_potential"]`) is kept alongside and added at test time.
+
+    Args:
+      options: `config.ot_softmax` (scale, supcon_weight, temperature, projection_dim,
+        solve_every, solve_steps, num_samples, solver_learning_rate, entropic_epsilon,
+        train_target, inference).
+      class_counts: int [C] given-label counts (nu for `train_target="prior"`).
+    """
+    if options.train_target not in OT_TRAIN_TARGETS:
+        raise ValueError(f"train_target={options.train_target!r}; allowed: "
+                         f"{', '.join(OT_TRAIN_TARGETS)}")
+    if options.inference not in OT_INFERENCE_MODES:
+        raise ValueError(f"inference={options.inference!r}; allowed: "
+                         f"{', '.join(OT_INFERENCE_MODES)}")
+    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
+    num_classes = len(counts)
+    nu = counts / counts.sum() if options.train_target == "prior" else np.full(
+        num_classes, 1.0 / num_classes)
+    nu = jnp.asarray(nu, jnp.float32)
+    uniform = jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)
+    scale, weight = float(options.scale), float(options.supcon_weight)
+    temperature, balanced = float(options.temperature), options.inference == "balanced"
+    solve_every = int(options.solve_every)
+    solver = dict(scale=scale, num_samples=int(options.num_samples),
+                  num_steps=int(options.solve_steps),
+                  learning_rate=float(options.solver_learning_rate),
+                  entropic_epsilon=float(options.entropic_epsilon))
+
+    def fn(logits, labels, *, extra, outputs, params, **unused):
+        del logits, unused
+        _, features, projection = outputs  # both views, view-major: [2B, ...]
+        batch_size = labels.shape[0]
+        potential = jax.lax.stop_gradient(extra["potential"])
+        weights = classifier_weights(params)
+        ce = losses.ot_dynamic_softmax_loss(features, weights, jnp.concatenate([labels, labels]),
+                                            potential, scale=scale)
+        pairs = jnp.stack([projection[:batch_size], projection[batch_size:]], axis=1)
+        contrast = losses.supcon_loss(pairs, labels, temperature=temperature)  # batch-major
+        contrast_view_major = contrast.reshape(batch_size, 2).T.reshape(-1)
+        first_view = losses.ot_dynamic_softmax_logits(features[:batch_size], weights, potential,
+                                                      scale=scale)
+        aux = {"ce": jnp.mean(ce), "supcon": jnp.mean(contrast),
+               "accuracy": jnp.mean(jnp.argmax(first_view, -1) == labels),
+               "potential_range": jnp.max(potential) - jnp.min(potential)}
+        return ce + weight * contrast_view_major, extra, aux
+
+    def after_update(extra, params, *, step, rng):
+        weights = jax.lax.stop_gradient(classifier_weights(params))
+
+        def resolve(extra):
+            out = {**extra, "potential": ot.update_potential(extra["potential"], weights, nu,
+                                                             rng=rng, **solver)}
+            if balanced:
+                out["balanced_potential"] = ot.update_potential(
+                    extra["balanced_potential"], weights, uniform,
+                    rng=jax.random.fold_in(rng, 1), **solver)
+            return out
+        return jax.lax.cond(step % solve_every == 0, resolve, lambda e: e, extra)
+
+    def test_logits(outputs, params, extra):
+        heights = extra["balanced_potential"] if balanced else jnp.zeros_like(extra["potential"])
+        return losses.ot_dynamic_softmax_logits(outputs[1], classifier_weights(params), heights,
+                                                scale=scale)
+
+    def init_extra():
+        return {"potential": np.zeros((num_classes,), np.float32),
+                "balanced_potential": np.zeros((num_classes,), np.float32)}
+
+    return Objective("ot_softmax", fn, init_extra, head="cosine", num_views=2,
+                     projection_dim=int(options.projection_dim), after_update=after_update,
+                     test_logits=test_logits)

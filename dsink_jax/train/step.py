@@ -13,8 +13,9 @@ Frozen teachers are arguments (`teacher_variables`), never part of the optimised
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -88,50 +89,81 @@ def init_state(method: Method, rng: jax.Array, sample_images: np.ndarray) -> Tra
                       opt_state=method.tx.init(params), rng=step_rng, extra=extra)
 
 
-def prepare_batch(rng: jax.Array, step: jax.Array, batch: dict[str, jax.Array],
-                  teacher_variables=(), *, method: Method) -> tuple[jax.Array, tuple]:
-    """Augments the batch and runs the frozen teachers on it (forward only, no gradient).
+class Prepared(NamedTuple):
+    """A batch made ready for the update: what the members of a sweep share.
 
-    Split from the update so that a vmapped sweep runs it once for all members.
-
-    Returns:
-      (images float32 [B, H, W, C], teacher_logits: tuple of [B, C], one per teacher).
+    Attributes:
+      images: float32 [V * B, H, W, C], the V augmented views, view-major.
+      teacher_logits: tuple of [B, C], the frozen teachers' logits on the first view.
+      rng: the step's key for the objective's own randomness (`Objective.after_update`).
     """
-    images = method.augment.train(jax.random.fold_in(rng, step), batch["images"])
+
+    images: jax.Array
+    teacher_logits: tuple
+    rng: jax.Array
+
+
+def step_keys(rng: jax.Array, step: jax.Array, num_views: int) -> tuple[list, jax.Array]:
+    """The step's augmentation keys (one per view) and its objective key.
+
+    One view uses `fold_in(rng, step)` itself; V views split it into V + 1 keys, the last for
+    the objective. Both depend on (rng, step) alone, so a resumed run replays them.
+    """
+    key = jax.random.fold_in(rng, step)
+    if num_views == 1:
+        return [key], jax.random.fold_in(key, 1)
+    keys = jax.random.split(key, num_views + 1)
+    return list(keys[:num_views]), keys[num_views]
+
+
+def prepare_batch(rng: jax.Array, step: jax.Array, batch: dict[str, jax.Array],
+                  teacher_variables=(), *, method: Method) -> Prepared:
+    """Augments the batch (`objective.num_views` views) and runs the frozen teachers on it.
+
+    Split from the update so that a sweep runs it once for all members.
+    """
+    view_keys, objective_key = step_keys(rng, step, method.objective.num_views)
+    views = [method.augment.train(key, batch["images"]) for key in view_keys]
     teacher_logits = tuple(
-        jax.lax.stop_gradient(model.apply(variables, images, train=False)[0])
+        jax.lax.stop_gradient(model.apply(variables, views[0], train=False)[0])
         for model, variables in zip(method.teacher_models, teacher_variables))
-    return images, teacher_logits
+    images = views[0] if len(views) == 1 else jnp.concatenate(views)
+    return Prepared(images, teacher_logits, objective_key)
 
 
-def apply_update(state: TrainState, images: jax.Array, batch: dict[str, jax.Array],
-                 teacher_logits: tuple = (), *, method: Method
-                 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The gradient step on prepared images (see :func:`train_step`)."""
+def apply_update(state: TrainState, prepared: Prepared, batch: dict[str, jax.Array], *,
+                 method: Method) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The gradient step on a prepared batch (see :func:`train_step`)."""
+    objective = method.objective
 
     def loss_fn(params):
         variables = {"params": params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-            (logits, _), updates = method.model.apply(variables, images, train=True,
-                                                      mutable=["batch_stats"])
+            outputs, updates = method.model.apply(variables, prepared.images, train=True,
+                                                  mutable=["batch_stats"])
             new_stats = updates["batch_stats"]
         else:
-            logits, _ = method.model.apply(variables, images, train=True)
+            outputs = method.model.apply(variables, prepared.images, train=True)
             new_stats = state.batch_stats
-        per_example, extra, aux = method.objective(
-            logits, batch["labels"], indices=batch["indices"], extra=state.extra,
-            step=state.step, teacher_logits=teacher_logits)
-        return jnp.mean(per_example), (logits, new_stats, extra, aux)
+        per_example, extra, aux = objective(
+            outputs[0], batch["labels"], indices=batch["indices"], extra=state.extra,
+            step=state.step, teacher_logits=prepared.teacher_logits, outputs=outputs,
+            params=params)
+        return jnp.mean(per_example), (outputs[0], new_stats, extra, aux)
 
     (loss, (logits, new_stats, extra, aux)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if objective.after_update is not None:
+        extra = objective.after_update(extra, params, step=state.step, rng=prepared.rng)
     grad_norm = optax.tree.norm(grads)
+    labels = batch["labels"]
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
+        # Against the given labels on the first view; an objective may report its own.
+        "accuracy": jnp.mean(jnp.argmax(logits[:labels.shape[0]], -1) == labels),
         "grad_norm": grad_norm,
         "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         **{k: v for k, v in aux.items() if jnp.ndim(v) == 0},
@@ -157,16 +189,61 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_variables
       "grad_norm", "finite" (True when the loss and gradients are finite) and the objective's
       own scalar diagnostics.
     """
-    images, teacher_logits = prepare_batch(state.rng, state.step, batch, teacher_variables,
-                                           method=method)
-    return apply_update(state, images, batch, teacher_logits, method=method)
+    prepared = prepare_batch(state.rng, state.step, batch, teacher_variables, method=method)
+    return apply_update(state, prepared, batch, method=method)
+
+
+MEMBER_MODES = ("vmap", "unroll")
+
+
+def members_step(states: TrainState, batch: dict[str, jax.Array], teacher_variables=(), *,
+                 data_rng: jax.Array, method: Method, mode: str = "vmap"
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step of every member of a sweep: the batch prepared once, then M updates.
+
+    All members share the data stream: the augmentation keys come from `data_rng` (a single
+    run's `state.rng` for the same seed) and the members' common step count, so the teachers'
+    forward and the augmentation run once for all.
+
+    Args:
+      states: stacked TrainState [M, ...] (all members at the same step).
+      batch, teacher_variables: as in :func:`train_step`.
+      data_rng: the shared augmentation key.
+      method: static parts.
+      mode: "vmap" batches the member updates (one program with [M, ...] operands: best on
+        accelerators and for dense models); "unroll" writes the M updates out one after
+        another in the same program, which avoids the grouped convolutions that vmap makes of
+        conv nets (slow on XLA:CPU) at the price of M times the compile time.
+
+    Returns:
+      (states, metrics) with every metric of shape [M].
+    """
+    if mode not in MEMBER_MODES:
+        raise ValueError(f"members mode={mode!r}; allowed: {', '.join(MEMBER_MODES)}")
+    prepared = prepare_batch(data_rng, states.step[0], batch, teacher_variables, method=method)
+    if mode == "unroll":
+        outputs = [apply_update(jax.tree.map(lambda x, i=i: x[i], states), prepared, batch,
+                                method=method) for i in range(states.step.shape[0])]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    update = functools.partial(apply_update, method=method)
+    return jax.vmap(update, in_axes=(0, None, None))(states, prepared, batch)
 
 
 def predict_logits(variables: dict, images: jax.Array, *, model: nn.Module,
                    augment: Augment) -> jax.Array:
-    """Eval-mode logits [B, C] for uint8 images [B, H, W, C] (no augmentation)."""
-    logits, _ = model.apply(variables, augment.eval(images), train=False)
-    return logits.astype(jnp.float32)
+    """A model's eval-mode logits [B, C] for uint8 images [B, H, W, C] (no augmentation)."""
+    return model.apply(variables, augment.eval(images), train=False)[0].astype(jnp.float32)
+
+
+def test_logits(state: TrainState, images: jax.Array, *, method: Method) -> jax.Array:
+    """The method's test-time logits [B, C]: eval mode, then the objective's `test_logits`.
+
+    The plain model logits unless the objective adds to them (OT heights, a post-hoc prior).
+    """
+    outputs = method.model.apply(state.variables, method.augment.eval(images), train=False)
+    if method.objective.test_logits is None:
+        return outputs[0].astype(jnp.float32)
+    return method.objective.test_logits(outputs, state.params, state.extra).astype(jnp.float32)
 
 
 def batched_predict(predict_fn, state, images: np.ndarray, batch_size: int, *,

@@ -162,3 +162,84 @@ def test_bad_allocation_options_raise():
     with pytest.raises(ValueError, match="allocation='online' needs the training-set class_mass"):
         objectives.make_dsink_objective(options(allocation="online"), clean_labels=CLEAN,
                                         steps_per_epoch=1, class_counts=COUNTS)
+
+
+# ----------------------------------------------------------------------- OT-dynamic softmax
+
+def test_ot_softmax_objective_in_the_one_step_equals_a_hand_written_step():
+    """The generic step with the OT objective is the method's step, written out here.
+
+    Reference: two views (keys split(fold_in(rng, step), 3)), CE on s cos(W, z) + h over both,
+    SupCon on the projections, one SGD update, then h re-solved for the new weights with the
+    third key (and the balanced h with fold_in of it).
+    """
+    import functools
+
+    import optax
+
+    from dsink_jax import losses, pipelines
+    from dsink_jax.models import classifier_weights
+    from dsink_jax.train import step as step_lib
+
+    config = pipelines.ot_softmax.build_config(
+        dict(pipelines.ot_softmax.ARGS, preset="smoke", inference="balanced", model="cnn"))
+    training_set = pipelines.prepare_training_set(config)
+    o = config.ot_softmax
+    objective = objectives.make_ot_softmax_objective(
+        o, class_counts=training_set.noisy_class_counts)
+    method = pipelines.build_method(config, training_set, objective=objective)
+    state = step_lib.init_state(method, jax.random.PRNGKey(0), training_set.x_train[:1])
+    counts = np.maximum(training_set.noisy_class_counts, 1)
+    nu = jnp.asarray(counts / counts.sum(), jnp.float32)
+    idx = np.arange(32, dtype=np.int32)
+    batch = {"images": training_set.x_train[idx], "labels": training_set.noisy_labels[idx],
+             "indices": idx}
+
+    def reference_step(state):
+        view1, view2, solve = jax.random.split(jax.random.fold_in(state.rng, state.step), 3)
+        views = jnp.concatenate([method.augment.train(view1, batch["images"]),
+                                 method.augment.train(view2, batch["images"])])
+        labels = jnp.asarray(batch["labels"])
+
+        def loss_fn(params):
+            (_, features, projection), updates = method.model.apply(
+                {**state.variables, "params": params}, views, train=True,
+                mutable=["batch_stats"])
+            w = classifier_weights(params)
+            ce = losses.ot_dynamic_softmax_loss(features, w, jnp.concatenate([labels, labels]),
+                                                state.extra["potential"], scale=o.scale)
+            pairs = jnp.stack([projection[:32], projection[32:]], axis=1)
+            contrast = losses.supcon_loss(pairs, labels, temperature=o.temperature)
+            return jnp.mean(ce) + o.supcon_weight * jnp.mean(contrast), updates["batch_stats"]
+
+        grads, stats = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = method.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        w = classifier_weights(params)
+        solve_args = dict(scale=o.scale, num_samples=o.num_samples, num_steps=o.solve_steps,
+                          learning_rate=o.solver_learning_rate)
+        extra = {"potential": ot.update_potential(state.extra["potential"], w, nu, rng=solve,
+                                                  **solve_args),
+                 "balanced_potential": ot.update_potential(
+                     state.extra["balanced_potential"], w, jnp.full_like(nu, 0.1),
+                     rng=jax.random.fold_in(solve, 1), **solve_args)}
+        return state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                             opt_state=opt_state, extra=extra)
+
+    generic = jax.jit(functools.partial(step_lib.train_step, method=method))
+    ours, theirs = state, state
+    for _ in range(2):
+        ours, metrics = generic(ours, batch)
+        theirs = jax.jit(reference_step)(theirs)
+    for a, b in zip(jax.tree.leaves((ours.params, ours.batch_stats, ours.extra)),
+                    jax.tree.leaves((theirs.params, theirs.batch_stats, theirs.extra))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(ours.extra["potential"]))) > 0  # the heights were re-solved
+    for key in ("ce", "supcon", "potential_range", "accuracy"):
+        assert np.isfinite(float(metrics[key]))
+    # Test time: s cos(W, z) + the balanced heights.
+    logits = step_lib.test_logits(ours, batch["images"], method=method)
+    _, features, _ = method.model.apply(ours.variables, method.augment.eval(batch["images"]))
+    np.testing.assert_allclose(logits, losses.ot_dynamic_softmax_logits(
+        features, classifier_weights(ours.params), ours.extra["balanced_potential"],
+        scale=o.scale), rtol=1e-6)
