@@ -63,7 +63,7 @@ def run(sizes, num_iters, repeats, pot_repeats, epsilon=2.0):
         row = {"B": batch_size, "C": num_classes}
         for backend in ("native", "ott"):
             solve = jax.jit(lambda n, s, m, backend=backend: sinkhorn_allocation(
-                n, s, m, epsilon=epsilon, num_iters=num_iters, backend=backend))
+                n, s, m, epsilon=epsilon, num_iters=num_iters, backend=backend).allocation)
             plan = jax.block_until_ready(solve(noise, student, mass))  # warm-up
             row[backend] = _median_ms(lambda: solve(noise, student, mass), repeats)
             row[backend + "_err"] = _plan_error(np.asarray(plan, np.float64),

@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     nu = nu / nu.sum()
     # Start from a converged potential, as a warm start during training would.
     h_star = semidiscrete_potential(weights, nu, scale=args.scale, rng=key, num_samples=4096,
-                                    num_steps=300)
+                                    num_steps=300).potential
 
     dense_ms = train_step_ms(nn.Dense(c), jax.random.normal(key, (b, d)),
                              jnp.arange(b) % c, args.repeats)
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
         for num_steps in args.steps:
             solve = jax.jit(lambda h, rng, n=num_samples, k=num_steps: semidiscrete_potential(
                 weights, nu, scale=args.scale, rng=rng, num_samples=n, num_steps=k,
-                learning_rate=0.03, init=h))
+                learning_rate=0.03, init=h).potential)
             row(f"solve {num_samples} x {num_steps}",
                 time_ms(solve, h_star, jax.random.key(1), repeats=args.repeats))
 

@@ -262,7 +262,7 @@ def build_runners(args: argparse.Namespace, num_classes: int) -> dict[str, Calla
                                                             (args.batch_size, num_classes)))
     mass = jnp.mean(jax.nn.softmax(jax.random.normal(keys[2], (args.batch_size, num_classes))), 0)
     allocation = jax.jit(lambda n, s, m: sinkhorn_allocation(
-        n, s, m, epsilon=d.epsilon, num_iters=d.num_iters, backend=d.backend))
+        n, s, m, epsilon=d.epsilon, num_iters=d.num_iters, backend=d.backend).allocation)
 
     runners = {
         "ce step": stepper(ce_step, step_lib.init_state(ce_method, rng, sample), batch),

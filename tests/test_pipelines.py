@@ -67,7 +67,8 @@ def test_finished_stages_are_reused(dsink_run, capsys):
 
 @pytest.mark.parametrize("overrides", [
     dict(allocation="dataset", base_loss="la", refresh_every_epochs=1),
-    dict(allocation="online", base_loss="la", inference="class_mass"),
+    dict(allocation="online", base_loss="la", inference="class_mass",
+         class_mass_prior="label_prior"),
     dict(allocation="batch", init_from="imbalance_teacher", baseline_loss="none"),
 ])
 def test_student_variants_reuse_the_teachers(dsink_run, capsys, overrides):

@@ -1,6 +1,6 @@
 """The D-SINK loss: base loss + alpha * soft-label CE to the Sinkhorn allocation.
 
-METHOD.md section 1. For a batch with student logits ``s``, noise-robust
+docs/method.md section 1. For a batch with student logits ``s``, noise-robust
 teacher logits ``s^N`` and imbalance-robust teacher logits ``s^L``:
 
   Q       = sinkhorn_allocation(log_softmax(s^N), log_softmax(s), m)   (target)
@@ -13,16 +13,61 @@ Teachers and Q carry no gradient, so the student gradient is that of the
 soft-label CE with Q held fixed (the paper's bi-level scheme).
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsink_jax.ot.sinkhorn import (_is_concrete, _validate_options,
+from dsink_jax.ot.sinkhorn import (_is_concrete, _validate_options, check_where,
                                    sinkhorn_allocation)
 
-__all__ = ["BASE_LOSSES", "dsink_loss", "distillation_terms", "global_class_mass"]
+__all__ = ["BASE_LOSSES", "DSinkAux", "DistillationTerms", "REDUCTIONS", "dsink_loss",
+           "distillation_terms", "global_class_mass"]
+
+REDUCTIONS = ("mean", "none")
+
+
+class DistillationTerms(NamedTuple):
+    """Per-example terms of the student's loss for one allocation (all [B] unless stated).
+
+    Attributes:
+      per_example: base + alpha * distill (0 on rows masked out by ``where``).
+      base: the base loss L_base.
+      distill: the soft-label CE to Q.
+      allocation: [B, C] the target Q (no gradient).
+      allocation_entropy: [] mean row entropy of Q over valid rows (nats).
+      finite: [] bool, whether the loss and Q are all finite (under jit non-finite inputs
+        cannot raise; check this flag instead).
+    """
+
+    per_example: jax.Array
+    base: jax.Array
+    distill: jax.Array
+    allocation: jax.Array
+    allocation_entropy: jax.Array
+    finite: jax.Array
+
+
+class DSinkAux(NamedTuple):
+    """What :func:`dsink_loss` returns beside the loss: the terms and the solve's diagnostics.
+
+    Attributes:
+      per_example, base, distill, allocation, allocation_entropy, finite: see
+        :class:`DistillationTerms`.
+      class_mass: [C] the class mass used.
+      marginal_error: [] max class-marginal violation of Q relative to the valid rows.
+    """
+
+    per_example: jax.Array
+    base: jax.Array
+    distill: jax.Array
+    allocation: jax.Array
+    allocation_entropy: jax.Array
+    finite: jax.Array
+    class_mass: jax.Array
+    marginal_error: jax.Array
 
 # L_base: "ce" on the given labels, "la" the logit-adjusted CE (the imbalance-robust loss, with
 # the given-label prior), "none" (the D-SINK term alone).
@@ -64,8 +109,10 @@ def _check_logits(name, logits, expected_shape):
 
 def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
               labels, alpha, epsilon, class_mass, num_iters, backend,
-              base_loss, label_prior=None):
+              base_loss, label_prior=None, where=None, reduction="mean"):
     """Raises ValueError/TypeError before any computation (trace time)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; allowed values: {REDUCTIONS}.")
     if base_loss not in BASE_LOSSES:
         raise ValueError(
             f"base_loss={base_loss!r}; allowed values: {BASE_LOSSES}.")
@@ -109,6 +156,7 @@ def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
     # Here, not only inside the solver: there epsilon and class_mass are
     # already traced by _dsink_loss's jit and their values cannot be checked.
     _validate_options(shape[1], class_mass, epsilon, num_iters, backend)
+    check_where(where, shape[0])
     if jnp.shape(alpha) != ():
         raise ValueError(f"alpha has shape {jnp.shape(alpha)}; expected a scalar.")
     if _is_concrete(alpha):
@@ -128,16 +176,20 @@ def dsink_loss(
     epsilon: float | jax.Array = 2.0,
     class_mass: jax.Array | None = None,
     num_iters: int = 50,
-    backend: str = "native",
+    backend: str = "ott",
     base_loss: str = "ce",
     label_prior: jax.Array | None = None,
     la_tau: float = 1.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """D-SINK loss of one batch: mean of base + alpha * soft CE to Q.
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+) -> tuple[jax.Array, DSinkAux]:
+    """D-SINK loss of one batch: base + alpha * soft CE to the allocation Q.
 
     Pure; works under ``jit``, ``grad``, ``vmap`` over ``alpha``/``epsilon`` and
     with the batch sharded over devices (the batch reductions are ordinary
-    ``jnp`` reductions, which XLA partitions).
+    ``jnp`` reductions, which XLA partitions). D-SINK couples the rows of a
+    batch (through the class marginal), so padded rows must be masked out with
+    ``where``: the other rows then get exactly the loss of the batch without them.
 
     Args:
       student_logits: [B, C] logits of the model being trained.
@@ -145,44 +197,43 @@ def dsink_loss(
         (gradient stopped).
       imbalance_teacher_logits: [B, C] logits of the imbalance-robust teacher
         ``f_L`` (gradient stopped), or None when ``class_mass`` is given.
-      labels: [B] int observed (possibly noisy) labels for the base CE; may be
+      labels: [B] int observed (possibly noisy) labels for the base loss; may be
         None with ``base_loss="none"``.
       alpha: weight (>= 0) of the D-SINK term; may be traced.
       epsilon: entropic regularisation (> 0; the paper's 2.0); may be traced.
       class_mass: None ("batch" mode: mean of ``softmax(imbalance_teacher_logits)``
-        over the batch) or a [C] distribution used as is ("global" mode, see
+        over the valid rows) or a [C] distribution used as is ("global" mode, see
         :func:`global_class_mass`).
       num_iters: Sinkhorn iterations (static int >= 1).
-      backend: "native" or "ott", see :func:`sinkhorn_allocation`.
+      backend: "ott" or "native", see :func:`~dsink_jax.ot.sinkhorn_allocation`.
       base_loss: "ce" (cross-entropy on ``labels``), "la" (logit-adjusted
         cross-entropy ``CE(s + la_tau * log label_prior, y)``, the imbalance-robust
         base) or "none" (D-SINK term only).
       label_prior: [C] given-label distribution, for ``base_loss="la"``.
       la_tau: temperature of the "la" base loss.
+      where: optional [B] bool mask of the valid rows.
+      reduction: "mean" (the loss is the mean of ``aux.per_example`` over the
+        valid rows) or "none" (the loss is ``aux.per_example`` itself, optax style).
 
     Returns:
-      ``(loss, aux)``: ``loss`` [] the batch mean of ``aux["per_example"]``;
-      ``aux`` holds
-        "base" [B] per-example base loss (zeros for "none"),
-        "distill" [B] per-example soft-label CE to Q,
-        "per_example" [B] base + alpha * distill,
-        "allocation" [B, C] Q (rows sum to 1),
-        "class_mass" [C] the class mass used,
-        "marginal_error" [] max class-marginal violation relative to B,
-        "allocation_entropy" [] mean row entropy of Q (nats),
-        "finite" [] bool, whether loss and Q are all finite (under jit
-          non-finite inputs cannot raise; check this flag instead).
+      ``(loss, aux)``: ``loss`` [] (or [B] with ``reduction="none"``) and a
+      :class:`DSinkAux`. Use ``jax.value_and_grad(..., has_aux=True)``.
 
     Raises:
       ValueError, TypeError: on bad shapes, options or (concrete) values.
     """
     _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
               labels, alpha, epsilon, class_mass, num_iters, backend, base_loss,
-              label_prior)
-    return _dsink_loss(student_logits, noise_teacher_logits,
-                       imbalance_teacher_logits, labels, alpha, epsilon,
-                       class_mass, label_prior, la_tau, num_iters=num_iters,
-                       backend=backend, base_loss=base_loss)
+              label_prior, where, reduction)
+    valid = (jnp.ones(jnp.shape(student_logits)[:1], bool) if where is None
+             else jnp.asarray(where))
+    aux = _dsink_loss(student_logits, noise_teacher_logits,
+                      imbalance_teacher_logits, labels, alpha, epsilon,
+                      class_mass, label_prior, la_tau, valid, num_iters=num_iters,
+                      backend=backend, base_loss=base_loss)
+    if reduction == "none":
+        return aux.per_example, aux
+    return jnp.sum(aux.per_example) / jnp.sum(valid), aux
 
 
 # Jitted so that eager calls (tests, notebooks) compile once per shape rather
@@ -192,33 +243,33 @@ def dsink_loss(
                    static_argnames=("num_iters", "backend", "base_loss"))
 def _dsink_loss(student_logits, noise_teacher_logits,
                 imbalance_teacher_logits, labels, alpha, epsilon, class_mass,
-                label_prior, la_tau, *, num_iters, backend, base_loss):
-    """The computation of :func:`dsink_loss`, on validated inputs."""
+                label_prior, la_tau, valid, *, num_iters, backend, base_loss):
+    """The computation of :func:`dsink_loss`, on validated inputs: its DSinkAux."""
     student_logits = jnp.asarray(student_logits).astype(jnp.float32)
     noise_log_probs = jax.nn.log_softmax(
         jax.lax.stop_gradient(jnp.asarray(noise_teacher_logits, jnp.float32)))
     if class_mass is None:
         imbalance_probs = jax.nn.softmax(jax.lax.stop_gradient(
             jnp.asarray(imbalance_teacher_logits, jnp.float32)))
-        class_mass = jnp.mean(imbalance_probs, axis=0)
+        class_mass = jnp.mean(imbalance_probs, axis=0, where=valid[:, None])
     else:
         class_mass = jax.lax.stop_gradient(jnp.asarray(class_mass, jnp.float32))
     student_log_probs = jax.nn.log_softmax(student_logits)
 
-    allocation, info = sinkhorn_allocation(
+    solved = sinkhorn_allocation(
         noise_log_probs, student_log_probs, class_mass, epsilon=epsilon,
-        num_iters=num_iters, backend=backend, return_info=True)
-    aux = distillation_terms(student_logits, allocation, labels, alpha=alpha,
-                             base_loss=base_loss, label_prior=label_prior,
-                             la_tau=la_tau)
-    aux.update(class_mass=class_mass, marginal_error=info.column_error)
-    return jnp.mean(aux["per_example"]), aux
+        num_iters=num_iters, backend=backend, where=valid)
+    terms = distillation_terms(student_logits, solved.allocation, labels, alpha=alpha,
+                               base_loss=base_loss, label_prior=label_prior,
+                               la_tau=la_tau, where=valid)
+    return DSinkAux(*terms, class_mass=class_mass, marginal_error=solved.column_error)
 
 
 def distillation_terms(student_logits: jax.Array, allocation: jax.Array,
                        labels: jax.Array | None, *, alpha: float | jax.Array,
                        base_loss: str = "ce", label_prior: jax.Array | None = None,
-                       la_tau: float | jax.Array = 1.0) -> dict[str, jax.Array]:
+                       la_tau: float | jax.Array = 1.0,
+                       where: jax.Array | None = None) -> DistillationTerms:
     """Per-example D-SINK terms for a given allocation: base + alpha * CE(q_i, f(x_i)).
 
     The one place the student's loss is assembled, whichever way Q was found
@@ -233,10 +284,10 @@ def distillation_terms(student_logits: jax.Array, allocation: jax.Array,
       base_loss: one of :data:`BASE_LOSSES`.
       label_prior: [C] given-label distribution for ``base_loss="la"``.
       la_tau: temperature of the "la" base loss.
+      where: optional [B] bool mask; masked rows get 0 loss and count in no mean.
 
     Returns:
-      {"base" [B], "distill" [B], "per_example" [B], "allocation" [B, C],
-       "allocation_entropy" [], "finite" []}.
+      A :class:`DistillationTerms`.
     """
     student_logits = jnp.asarray(student_logits).astype(jnp.float32)
     # The bi-level scheme depends on Q being a constant target.
@@ -254,13 +305,14 @@ def distillation_terms(student_logits: jax.Array, allocation: jax.Array,
     else:
         raise ValueError(f"base_loss={base_loss!r}; allowed values: {BASE_LOSSES}.")
     per_example = base + jnp.asarray(alpha, jnp.float32) * distill
-    return {
-        "base": base,
-        "distill": distill,
-        "per_example": per_example,
-        "allocation": allocation,
-        "allocation_entropy": jnp.mean(
-            jnp.sum(jax.scipy.special.entr(allocation), axis=-1)),
-        "finite": jnp.logical_and(jnp.all(jnp.isfinite(per_example)),
-                                  jnp.all(jnp.isfinite(allocation))),
-    }
+    if where is not None:
+        zero = jnp.zeros_like(per_example)
+        per_example, base, distill = (jnp.where(where, x, zero)
+                                      for x in (per_example, base, distill))
+        allocation = jnp.where(where[:, None], allocation, 0.0)
+    entropy = jnp.sum(jax.scipy.special.entr(allocation), axis=-1)
+    return DistillationTerms(
+        per_example=per_example, base=base, distill=distill, allocation=allocation,
+        allocation_entropy=jnp.mean(entropy, where=where),
+        finite=jnp.logical_and(jnp.all(jnp.isfinite(per_example)),
+                               jnp.all(jnp.isfinite(allocation))))

@@ -77,7 +77,7 @@ from dsink_jax.ot.backends import BACKENDS
 
 __all__ = [
     "BACKENDS",
-    "PotentialInfo",
+    "PotentialOutput",
     "cell_masses",
     "semidiscrete_potential",
     "sample_unit_sphere",
@@ -88,16 +88,18 @@ __all__ = [
 _SIMPLEX_ATOL = 1e-4
 
 
-class PotentialInfo(NamedTuple):
-    """Diagnostics of a potential solve.
+class PotentialOutput(NamedTuple):
+    """The heights of a potential solve and their diagnostics.
 
     Attributes:
+      potential: [C] float32 heights ``h`` with mean zero.
       cell_mass: [C] cell masses of the returned potential, measured on a fresh Monte-Carlo
         sample (``source_points`` when given).
       mass_error: [] ``max_c |cell_mass_c - nu_c|``.
       energy: [] the (hard or entropic) dual energy at the returned potential, on the same sample.
     """
 
+    potential: jax.Array
     cell_mass: jax.Array
     mass_error: jax.Array
     energy: jax.Array
@@ -254,8 +256,7 @@ def semidiscrete_potential(
     lr_decay: Literal["constant", "cosine"] = "constant",
     average_fraction: float = 0.5,
     backend: Literal["native", "ott"] = "native",
-    return_info: bool = False,
-) -> jax.Array | tuple[jax.Array, PotentialInfo]:
+) -> PotentialOutput:
     """Heights ``h`` whose cosine-classifier cells carry the target masses (semi-discrete OT).
 
     Minimises ``E(h) = E_{x~mu}[max_c (s<w_c, x> + h_c)] - <nu, h>`` (or its entropic version) by
@@ -283,11 +284,11 @@ def semidiscrete_potential(
       backend: ``"native"`` (this module) or ``"ott"`` (ott-jax's ``SemidiscreteSolver``; no
         ``source_points``, positive ``target_mass``, an exponential moving average of the iterates
         instead of ``average_fraction``).
-      return_info: also return a :class:`PotentialInfo`, measured on a fresh sample
-        (``fold_in(rng, num_steps)``) of ``num_samples`` points, or on ``source_points``.
 
     Returns:
-      [C] float32 potential ``h`` with mean zero; or ``(h, info)`` when ``return_info``.
+      A :class:`PotentialOutput`: the potential ``h`` and its cell masses, mass error and
+      energy, measured on a fresh sample (``fold_in(rng, num_steps)``) of ``num_samples``
+      points, or on ``source_points`` (under ``jit``, unused diagnostics cost nothing).
 
     Raises:
       ValueError: on mismatched shapes, a non-distribution ``target_mass`` (checked when
@@ -307,7 +308,7 @@ def semidiscrete_potential(
         None if source_points is None else jnp.asarray(source_points, jnp.float32),
         learning_rate, num_samples=num_samples, num_steps=num_steps,
         entropic_epsilon=entropic_epsilon, lr_decay=lr_decay, average_fraction=average_fraction,
-        backend=backend, return_info=return_info)
+        backend=backend)
 
 
 def update_potential(
@@ -343,16 +344,16 @@ def update_potential(
     return semidiscrete_potential(
         class_weights, target_mass, scale=scale, rng=rng, num_samples=num_samples,
         num_steps=num_steps, learning_rate=learning_rate, init=potential,
-        entropic_epsilon=entropic_epsilon or None, backend=backend)
+        entropic_epsilon=entropic_epsilon or None, backend=backend).potential
 
 
 # Jitted once per static configuration, so eager calls (tests, notebooks) hit the compile cache;
 # under an outer jit it is simply inlined.
 @functools.partial(
     jax.jit, static_argnames=("num_samples", "num_steps", "entropic_epsilon", "lr_decay",
-                              "average_fraction", "backend", "return_info"))
+                              "average_fraction", "backend"))
 def _solve(class_weights, nu, init, scale, rng, source_points, learning_rate, *, num_samples,
-           num_steps, entropic_epsilon, lr_decay, average_fraction, backend, return_info):
+           num_steps, entropic_epsilon, lr_decay, average_fraction, backend):
     dim = class_weights.shape[1]
     unit_weights = _l2_normalise(class_weights)
     h0 = init - jnp.mean(init)
@@ -375,15 +376,11 @@ def _solve(class_weights, nu, init, scale, rng, source_points, learning_rate, *,
         potential = _solve_jax(nu, scores_at=scores_at, num_steps=num_steps, init=h0,
                                learning_rate=learning_rate, lr_decay=lr_decay,
                                entropic_epsilon=entropic_epsilon, average_fraction=average_fraction)
-    if not return_info:
-        return potential
     logits = scores_at(num_steps) + potential
     mass = _masses_from_logits(logits, entropic_epsilon)
-    info = PotentialInfo(
-        cell_mass=mass,
-        mass_error=jnp.max(jnp.abs(mass - nu)),
+    return PotentialOutput(
+        potential=potential, cell_mass=mass, mass_error=jnp.max(jnp.abs(mass - nu)),
         energy=_energy_from_logits(logits, nu, potential, entropic_epsilon))
-    return potential, info
 
 
 def _solve_jax(nu, *, scores_at, num_steps, init, learning_rate, lr_decay, entropic_epsilon,

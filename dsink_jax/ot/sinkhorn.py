@@ -29,7 +29,7 @@ Two interchangeable backends:
 
 Both end with the row update, so rows of ``Q`` sum to one (to rounding) and the
 residual error sits in the column marginal, which
-:class:`SinkhornInfo` reports.
+:class:`SinkhornOutput` reports.
 """
 import functools
 from typing import NamedTuple
@@ -41,7 +41,7 @@ import numpy as np
 from dsink_jax._checks import is_concrete as _is_concrete
 from dsink_jax.ot.backends import BACKENDS
 
-__all__ = ["SinkhornInfo", "sinkhorn_allocation", "allocation_from_potential",
+__all__ = ["SinkhornOutput", "sinkhorn_allocation", "allocation_from_potential",
            "class_potential_step", "BACKENDS"]
 
 
@@ -54,21 +54,24 @@ _MASS_SUM_TOL = 1e-4
 MIN_EPSILON = 1e-4
 
 
-class SinkhornInfo(NamedTuple):
-    """Diagnostics of one allocation solve.
+class SinkhornOutput(NamedTuple):
+    """The allocation and the diagnostics of one solve.
 
     Attributes:
-      row_error: [] max_i |sum_c Q_ic - 1| (rounding-level by construction).
-      column_error: [] max_c |sum_i Q_ic - B m_c| / B, the class-marginal
-        violation relative to the batch size (the convergence measure).
+      allocation: [B, C] float32 Q, rows on the simplex (rows masked out by ``where`` are 0),
+        columns summing to ``B_valid * class_mass`` up to ``column_error``.
       potential: [C] class potential ``g`` in logit units (cost / epsilon),
         mean-centred over classes with positive mass; ``-inf`` for classes with
         zero mass. ``Q_i = softmax((z^N_i + z_i) / epsilon + g)``.
+      row_error: [] max_i |sum_c Q_ic - 1| over valid rows (rounding-level by construction).
+      column_error: [] max_c |sum_i Q_ic - B_valid m_c| / B_valid, the class-marginal
+        violation relative to the number of valid rows (the convergence measure).
     """
 
+    allocation: jax.Array
+    potential: jax.Array
     row_error: jax.Array
     column_error: jax.Array
-    potential: jax.Array
 
 
 def _validate_options(num_classes, class_mass, epsilon, num_iters, backend):
@@ -115,8 +118,21 @@ def _validate_options(num_classes, class_mass, epsilon, num_iters, backend):
                 f"{_MASS_SUM_TOL}).")
 
 
+def check_where(where, batch_size: int) -> None:
+    """Raises unless `where` is None or a bool [B] mask (with a valid row, when concrete)."""
+    if where is None:
+        return
+    if jnp.shape(where) != (batch_size,):
+        raise ValueError(f"where has shape {jnp.shape(where)}; expected ({batch_size},) (one "
+                         "flag per row).")
+    if jnp.result_type(where) != jnp.bool_:
+        raise TypeError(f"where has dtype {jnp.result_type(where)}; expected bool.")
+    if _is_concrete(where) and not np.any(np.asarray(where)):
+        raise ValueError("where masks out every row; at least one row must be valid.")
+
+
 def _validate(noise_log_probs, student_log_probs, class_mass, epsilon,
-              num_iters, backend):
+              num_iters, backend, where=None):
     """Raises ValueError/TypeError on bad input; runs at trace time."""
     noise_shape = jnp.shape(noise_log_probs)
     student_shape = jnp.shape(student_log_probs)
@@ -130,6 +146,7 @@ def _validate(noise_log_probs, student_log_probs, class_mass, epsilon,
     if noise_shape[0] < 1 or noise_shape[1] < 1:
         raise ValueError(f"empty problem: shape {noise_shape}; need B, C >= 1.")
     _validate_options(noise_shape[1], class_mass, epsilon, num_iters, backend)
+    check_where(where, noise_shape[0])
     for name, value in (("noise_log_probs", noise_log_probs),
                         ("student_log_probs", student_log_probs)):
         if _is_concrete(value):
@@ -142,46 +159,40 @@ def _validate(noise_log_probs, student_log_probs, class_mass, epsilon,
                     "(pass log_softmax of finite logits).")
 
 
-def _native_log_plan(scores, log_column_target, num_iters):
-    """Log-domain Sinkhorn; returns (log Q [B, C], potential g [C])."""
+def _native_potential(scores, log_column_target, num_iters, valid):
+    """Log-domain Sinkhorn over the rows where `valid`; returns the class potential g [C]."""
     batch_size, num_classes = scores.shape
 
     def one_iteration(carry, _):
         row_potential, _ = carry
         # Column update first, row update last (as ott-jax does), so the returned
-        # rows are exactly normalised.
+        # rows are exactly normalised. Masked rows take no part in the column sums.
         class_potential = log_column_target - jax.nn.logsumexp(
-            scores + row_potential[:, None], axis=0)
+            scores + row_potential[:, None], axis=0, where=valid[:, None])
         row_potential = -jax.nn.logsumexp(scores + class_potential[None, :],
                                           axis=1)
         return (row_potential, class_potential), None
 
     init = (jnp.zeros((batch_size,), scores.dtype),
             jnp.zeros((num_classes,), scores.dtype))
-    (row_potential, class_potential), _ = jax.lax.scan(
-        one_iteration, init, None, length=num_iters)
-    # The last row update made each row of `scores + f + g` a log-distribution; taking it as a
-    # log_softmax avoids adding and cancelling huge terms when |scores| is large (small epsilon).
-    del row_potential
-    log_plan = jax.nn.log_softmax(scores + class_potential[None, :], axis=1)
-    return log_plan, class_potential
+    (_, class_potential), _ = jax.lax.scan(one_iteration, init, None, length=num_iters)
+    return class_potential
 
 
-def _ott_plan(cost, class_mass, epsilon, num_iters):
-    """ott-jax Sinkhorn; returns (Q [B, C], potential g [C] in logit units)."""
+def _ott_potential(cost, class_mass, epsilon, num_iters, valid):
+    """ott-jax Sinkhorn; returns the class potential g [C] in logit units (cost / epsilon)."""
     # Imported here: ott pulls in jaxopt/lineax (seconds of import time) and
     # only this backend needs it.
     from ott.geometry import geometry
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import sinkhorn as ott_sinkhorn
 
-    batch_size = cost.shape[0]
+    num_valid = jnp.sum(valid)
     # epsilon is absolute: ott's default (None) would scale it by the cost's
-    # standard deviation, which is not the D-SINK problem.
+    # standard deviation, which is not the D-SINK problem. A masked row has zero source mass.
     geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
     problem = linear_problem.LinearProblem(
-        geom, a=jnp.full((batch_size,), 1.0 / batch_size, cost.dtype),
-        b=class_mass)
+        geom, a=valid.astype(cost.dtype) / num_valid, b=class_mass)
     # min == max forces ott's fixed-length scan (no while_loop, fast under
     # vmap); inner_iterations == num_iters makes the scan length exactly
     # num_iters (ott runs (max // inner) * inner iterations). threshold is then
@@ -189,9 +200,7 @@ def _ott_plan(cost, class_mass, epsilon, num_iters):
     solver = ott_sinkhorn.Sinkhorn(
         lse_mode=True, threshold=0.0, inner_iterations=num_iters,
         min_iterations=num_iters, max_iterations=num_iters)
-    out = solver(problem)
-    # ott's plan has marginals (1/B, m); its last update is the row (f) one.
-    return out.matrix * batch_size, out.g / epsilon
+    return solver(problem).g / epsilon
 
 
 def sinkhorn_allocation(
@@ -201,9 +210,9 @@ def sinkhorn_allocation(
     *,
     epsilon: float | jax.Array = 2.0,
     num_iters: int = 50,
-    backend: str = "native",
-    return_info: bool = False,
-) -> jax.Array | tuple[jax.Array, SinkhornInfo]:
+    backend: str = "ott",
+    where: jax.Array | None = None,
+) -> SinkhornOutput:
     """D-SINK surrogate labels: entropic OT between samples and class mass.
 
     Solves the problem in the module docstring with cost
@@ -220,13 +229,16 @@ def sinkhorn_allocation(
         traced scalar (e.g. vmapped over for a sweep); then its value is not
         checked.
       num_iters: exact number of Sinkhorn iterations (static, >= 1).
-      backend: "native" (``lax.scan``) or "ott" (ott-jax).
-      return_info: also return a :class:`SinkhornInfo`.
+      backend: "ott" (ott-jax's Sinkhorn, the default) or "native" (``lax.scan``
+        here; the same iterations, kept as the test oracle and for very large
+        problems, where it is faster: see benchmarks/README.md).
+      where: optional [B] bool mask: rows marked False (padding of a last partial
+        batch, of an uneven shard) take no part in the problem, so the other
+        rows' allocation is that of the batch without them; their rows of Q are 0.
 
     Returns:
-      Q: [B, C] float32, rows summing to 1 and columns to ``B * class_mass``
-        (up to ``info.column_error * B`` after ``num_iters`` iterations); or
-        ``(Q, info)`` when ``return_info``.
+      A :class:`SinkhornOutput`: the allocation Q [B, C] and the potential and
+      marginal errors of the solve.
 
     Raises:
       ValueError, TypeError: on bad shapes, options or (concrete) values, before
@@ -234,53 +246,53 @@ def sinkhorn_allocation(
         here; they propagate as NaN into Q (the loss exposes ``finite``).
     """
     _validate(noise_log_probs, student_log_probs, class_mass, epsilon,
-              num_iters, backend)
-    return _solve(noise_log_probs, student_log_probs, class_mass, epsilon,
-                  num_iters=num_iters, backend=backend, return_info=return_info)
+              num_iters, backend, where)
+    valid = (jnp.ones(jnp.shape(noise_log_probs)[:1], bool) if where is None
+             else jnp.asarray(where))
+    return _solve(noise_log_probs, student_log_probs, class_mass, epsilon, valid,
+                  num_iters=num_iters, backend=backend)
 
 
 # Jitted so that eager calls compile once per shape instead of dispatching op
 # by op (and re-tracing ott's solver) on every call; under an outer jit it is
 # inlined. epsilon is an argument, not static, so new values do not recompile.
-@functools.partial(jax.jit,
-                   static_argnames=("num_iters", "backend", "return_info"))
-def _solve(noise_log_probs, student_log_probs, class_mass, epsilon, *,
-           num_iters, backend, return_info):
+@functools.partial(jax.jit, static_argnames=("num_iters", "backend"))
+def _solve(noise_log_probs, student_log_probs, class_mass, epsilon, valid, *,
+           num_iters, backend):
     """The computation of :func:`sinkhorn_allocation`, on validated inputs."""
     # Targets only: no gradient through the solver. float32 throughout, even
     # for bfloat16 inputs, since the potentials accumulate over iterations.
     noise_log_probs, student_log_probs, class_mass, epsilon = (
         jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
         for x in (noise_log_probs, student_log_probs, class_mass, epsilon))
-    batch_size = noise_log_probs.shape[0]
+    num_valid = jnp.sum(valid).astype(jnp.float32)
     cost = -(noise_log_probs + student_log_probs)
 
     # Full float32 precision on accelerators (TPU matmuls default to bfloat16
     # passes); the native solver has no matmul, ott's kernels may.
+    scores = cost / -epsilon
     with jax.default_matmul_precision("float32"):
         if backend == "native":
             # log(0) = -inf is fine: that class's column is then exactly zero.
-            log_column_target = jnp.log(batch_size * class_mass)
-            log_plan, potential = _native_log_plan(cost / -epsilon,
-                                                   log_column_target, num_iters)
-            plan = jnp.exp(log_plan)
+            log_column_target = jnp.log(num_valid * class_mass)
+            potential = _native_potential(scores, log_column_target, num_iters, valid)
         else:
-            plan, potential = _ott_plan(cost, class_mass, epsilon, num_iters)
+            potential = _ott_potential(cost, class_mass, epsilon, num_iters, valid)
+    # Both end with the row update: each row of Q is softmax(scores_i + g). Taken as a softmax,
+    # it avoids adding and cancelling huge terms when |scores| is large (small epsilon).
+    plan = jnp.where(valid[:, None], jax.nn.softmax(scores + potential[None, :], axis=1), 0.0)
 
-    if not return_info:
-        return plan
     has_mass = class_mass > 0
     # Centre over classes that carry mass: zero-mass classes have g = -inf.
     centre = (jnp.sum(jnp.where(has_mass, potential, 0.0))
               / jnp.maximum(jnp.sum(has_mass), 1))
-    info = SinkhornInfo(
-        row_error=jnp.max(jnp.abs(jnp.sum(plan, axis=1) - 1.0)),
-        column_error=jnp.max(
-            jnp.abs(jnp.sum(plan, axis=0) - batch_size * class_mass))
-        / batch_size,
+    return SinkhornOutput(
+        allocation=plan,
         potential=jnp.where(has_mass, potential - centre, -jnp.inf),
+        row_error=jnp.max(jnp.where(valid, jnp.abs(jnp.sum(plan, axis=1) - 1.0), 0.0)),
+        column_error=jnp.max(jnp.abs(jnp.sum(plan, axis=0) - num_valid * class_mass))
+        / num_valid,
     )
-    return plan, info
 
 
 def allocation_from_potential(noise_log_probs: jax.Array, student_log_probs: jax.Array,
@@ -309,7 +321,8 @@ def allocation_from_potential(noise_log_probs: jax.Array, student_log_probs: jax
 
 
 def class_potential_step(potential: jax.Array, allocation: jax.Array, class_mass: jax.Array, *,
-                         learning_rate: float | jax.Array) -> jax.Array:
+                         learning_rate: float | jax.Array,
+                         where: jax.Array | None = None) -> jax.Array:
     """One stochastic dual-ascent step on the class potential towards a target class mass.
 
     ``g <- g + lr * (log m - log mean_i Q_i)``, then mean-centred over classes with mass. With
@@ -325,6 +338,7 @@ def class_potential_step(potential: jax.Array, allocation: jax.Array, class_mass
       class_mass: [C] target class mass (sums to 1; zero-mass classes get ``-inf``-like
         potential through the log, so keep masses > 0 in practice).
       learning_rate: step size in (0, 1].
+      where: optional [B] bool mask of the rows that count (padding excluded).
 
     Returns:
       [C] the new potential (float32, no gradient).
@@ -332,7 +346,7 @@ def class_potential_step(potential: jax.Array, allocation: jax.Array, class_mass
     potential, allocation, class_mass = (jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
                                          for x in (potential, allocation, class_mass))
     tiny = jnp.finfo(jnp.float32).tiny
-    batch_mass = jnp.mean(allocation, axis=0)
+    batch_mass = jnp.mean(allocation, axis=0, where=None if where is None else where[:, None])
     has_mass = class_mass > 0
     step = jnp.where(has_mass, jnp.log(jnp.maximum(class_mass, tiny))
                      - jnp.log(jnp.maximum(batch_mass, tiny)), 0.0)

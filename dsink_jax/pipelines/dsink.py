@@ -33,7 +33,8 @@ from dsink_jax.train import loop, parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.workdir import WorkdirLock, write_json
 from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
-                                        LOSS_HEADS, LOSS_NAMES, dataset_allocation_refresh,
+                                        CLASS_MASS_PRIORS, LOSS_HEADS, LOSS_NAMES,
+                                        class_mass_shift, dataset_allocation_refresh,
                                         make_dsink_objective)
 
 INIT_FROM = ("scratch", "imbalance_teacher")
@@ -44,6 +45,7 @@ ARGS: dict[str, Any] = {
     "alpha": 2.0,
     "epsilon": 2.0,
     "class_mass": "batch",
+    "class_mass_prior": "none",
     "imbalance_loss": "la",
     "noise_loss": "gce",
     "num_iters": 50,
@@ -70,7 +72,7 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         c.dsink.alpha_warmup_epochs = 0.0  # (ours) linear ramp of alpha; 0 = off
         c.dsink.epsilon = float(args["epsilon"])  # stated: 2
         c.dsink.num_iters = int(args["num_iters"])  # (ours) fixed Sinkhorn iterations
-        c.dsink.backend = "native"  # "native" (lax.scan) or "ott" (ott-jax Sinkhorn)
+        c.dsink.backend = "ott"  # "ott" (ott-jax Sinkhorn) or "native" (lax.scan, the oracle)
         # (ours) granularity of Q: "batch" (Sinkhorn per mini-batch), "dataset" (Sinkhorn over
         # all N samples every refresh_every_epochs, the stated Q 1_N = sum_i f_L(x_i)) or
         # "online" (closed form with the class potential carried in the state).
@@ -80,6 +82,11 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         # (ours) "batch" allocation only: f_L's class mass per batch ("batch") or over the
         # training set ("global"); the dataset-level allocations always use the latter.
         c.dsink.class_mass = args["class_mass"]
+        # (ours) which f_L probabilities make the class mass: "none" = its raw (balanced, test-
+        # time) posteriors, whose mass over the long-tailed training set is nearly flat;
+        # "label_prior" = reweighted by the given-label prior (p_bal(y|x) pi(y), normalised:
+        # f_L's estimate of the training posterior, the quantity its loss fits to the labels).
+        c.dsink.class_mass_prior = args["class_mass_prior"]
         # (ours) L_base: "ce" on the given labels, "la" logit-adjusted CE (tau
         # loss_options.la_tau, the given-label prior), "none" to drop it.
         c.dsink.base_loss = args["base_loss"]
@@ -119,6 +126,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"dsink.backend={d.backend!r}; allowed: {', '.join(BACKENDS)}")
     require(d.class_mass in CLASS_MASS_MODES,
              f"dsink.class_mass={d.class_mass!r}; allowed: {', '.join(CLASS_MASS_MODES)}")
+    require(d.class_mass_prior in CLASS_MASS_PRIORS,
+             f"dsink.class_mass_prior={d.class_mass_prior!r}; allowed: "
+             f"{', '.join(CLASS_MASS_PRIORS)}")
     require(d.base_loss in BASE_LOSSES,
              f"dsink.base_loss={d.base_loss!r}; allowed: {', '.join(BASE_LOSSES)}")
     require(d.allocation in ALLOCATIONS,
@@ -194,7 +204,9 @@ def train_teachers(config, workdir: str, training_set) -> dict:
 
     class_mass = None
     if d.class_mass == "global" or d.allocation != "batch":
-        class_mass = np.asarray(global_class_mass(train_logits(imbalance_model, imbalance_vars)))
+        shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
+        class_mass = np.asarray(global_class_mass(
+            train_logits(imbalance_model, imbalance_vars) + shift))
     priors = inference_priors(training_set, class_mass)
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=steps_per_epoch, class_mass=class_mass,

@@ -154,6 +154,24 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
 
 
 CLASS_MASS_MODES = ("batch", "global")
+# Which f_L probabilities make the class mass: its raw (balanced) posteriors, or those
+# reweighted by the given-label prior (its estimate of the training posterior).
+CLASS_MASS_PRIORS = ("none", "label_prior")
+
+
+def class_mass_shift(class_mass_prior: str, class_counts: np.ndarray) -> np.ndarray | float:
+    """What is added to f_L's logits before their softmax makes the class mass.
+
+    "none": 0; "label_prior": log of the given-label prior (Bayes' rule from a balanced
+    posterior to the training one: softmax(z_L + log pi) = p_bal(y|x) pi(y) / Z).
+    """
+    if class_mass_prior not in CLASS_MASS_PRIORS:
+        raise ValueError(f"class_mass_prior={class_mass_prior!r}; allowed: "
+                         f"{', '.join(CLASS_MASS_PRIORS)}")
+    if class_mass_prior == "none":
+        return 0.0
+    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
+    return np.log(counts / counts.sum()).astype(np.float32)
 # Granularity of the D-SINK allocation (docs/method notes, "Granularity of Q"):
 #   "batch":   Sinkhorn over each mini-batch, both teachers run on every step (class mass per
 #              `class_mass`);
@@ -182,7 +200,7 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     Args:
       options: `config.dsink`: alpha, epsilon, num_iters, backend, base_loss, allocation,
         potential_learning_rate, alpha_warmup_epochs (alpha ramps linearly from 0 over these
-        epochs; 0 = off), student_logit_adjustment.
+        epochs; 0 = off), student_logit_adjustment, class_mass_prior (for f_L's batch mass).
       clean_labels: int [N] true training labels, only for the diagnostics "allocation_accuracy"
         (argmax q_i equals the clean label) and "allocation_correction" (the same, among
         mislabelled samples); they never enter the loss.
@@ -204,6 +222,10 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     clean = jnp.asarray(clean_labels, jnp.int32)
     num_train = int(clean.shape[0])
     mass = None if class_mass is None else jnp.asarray(class_mass, jnp.float32)
+    # f_L's logits shift before the batch class mass (class_mass_prior; the training-set mass
+    # arrives already made with it).
+    imbalance_shift = jnp.asarray(class_mass_shift(str(options.class_mass_prior), class_counts)
+                                  if class_counts is not None else 0.0, jnp.float32)
     warmup_steps = float(options.alpha_warmup_epochs) * steps_per_epoch
     num_iters, backend, base = int(options.num_iters), str(options.backend), str(options.base_loss)
     tau = float(options.student_logit_adjustment)
@@ -226,11 +248,12 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
         diagnostics = {}
         if allocation == "batch":
             noise_logits, imbalance_logits = teacher_logits
+            imbalance_logits = imbalance_logits + imbalance_shift
             _, aux = dsink_loss(logits, noise_logits, imbalance_logits, labels, alpha=alpha,
                                 epsilon=epsilon, class_mass=mass, num_iters=num_iters,
                                 backend=backend, base_loss=base, label_prior=prior,
                                 la_tau=la_tau)
-            diagnostics["marginal_error"] = aux["marginal_error"]
+            diagnostics["marginal_error"] = aux.marginal_error
         else:
             if allocation == "online":
                 (noise_logits,) = teacher_logits
@@ -247,7 +270,7 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
                                      label_prior=prior, la_tau=la_tau)
             # Against the training-set mass: a batch need not match it, the stream does.
             diagnostics["marginal_error"] = jnp.max(jnp.abs(jnp.mean(q, axis=0) - mass))
-        q_pred = jnp.argmax(aux["allocation"], -1)
+        q_pred = jnp.argmax(aux.allocation, -1)
         true = clean[indices]
         noisy = (labels != true).astype(jnp.float32)
         hit = (q_pred == true).astype(jnp.float32)
@@ -257,10 +280,10 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
             # over the epoch (see `dsink_jax.train.loop`: *_numerator / *_denominator).
             "allocation_correction_numerator": jnp.sum(hit * noisy),
             "allocation_correction_denominator": jnp.sum(noisy),
-            "allocation_entropy": aux["allocation_entropy"],
-            "distill_loss": jnp.mean(aux["distill"]),
+            "allocation_entropy": aux.allocation_entropy,
+            "distill_loss": jnp.mean(aux.distill),
         })
-        return aux["per_example"], extra, diagnostics
+        return aux.per_example, extra, diagnostics
 
     def init_extra():
         if allocation == "online":
@@ -309,14 +332,15 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
         counts = np.maximum(np.asarray(class_counts), 1)
         shift = tau * np.log(counts / counts.sum()).astype(np.float32)
     epsilon, num_iters = float(options.epsilon), int(options.num_iters)
+    backend = str(options.backend)
 
     def refresh(state, epoch: int, predict):
         if epoch % every_epochs:
             return None
         student = jax.nn.log_softmax(jnp.asarray(predict(state, train_images)) + shift)
-        q = ot.sinkhorn_allocation(noise_log_probs, student, mass, epsilon=epsilon,
-                                   num_iters=num_iters)
-        return {"allocation": np.asarray(q, np.float32)}
+        solved = ot.sinkhorn_allocation(noise_log_probs, student, mass, epsilon=epsilon,
+                                        num_iters=num_iters, backend=backend)
+        return {"allocation": np.asarray(solved.allocation, np.float32)}
 
     return refresh
 

@@ -23,6 +23,7 @@ from dsink_jax.models import MODEL_NAMES
 from dsink_jax.losses.dsink import BASE_LOSSES
 from dsink_jax.train.objectives import ALLOCATIONS
 from dsink_jax.train.objectives import CLASS_MASS_MODES
+from dsink_jax.train.objectives import CLASS_MASS_PRIORS
 from dsink_jax.train.objectives import LOSS_NAMES
 from tests.fuzz import fuzz_settings
 
@@ -34,7 +35,7 @@ ARG_FIELDS = {
     "class_mass": "dsink.class_mass", "imbalance_loss": "dsink.imbalance_loss",
     "noise_loss": "dsink.noise_loss", "num_iters": "dsink.num_iters",
     "allocation": "dsink.allocation", "base_loss": "dsink.base_loss",
-    "init_from": "dsink.init_from",
+    "init_from": "dsink.init_from", "class_mass_prior": "dsink.class_mass_prior",
 }
 
 # Domains the validators document, with finiteness.
@@ -114,7 +115,7 @@ _NAMES = {
     "noise_loss": list(LOSS_NAMES), "model": list(MODEL_NAMES) + [""],
     "preset": list(tuple(configs.PRESETS)), "class_mass": list(CLASS_MASS_MODES),
     "allocation": list(ALLOCATIONS), "base_loss": list(BASE_LOSSES),
-    "init_from": list(pipelines.dsink.INIT_FROM),
+    "init_from": list(pipelines.dsink.INIT_FROM), "class_mass_prior": list(CLASS_MASS_PRIORS),
 }
 
 
@@ -166,7 +167,7 @@ def test_arg_string_gives_valid_locked_config_or_config_error(arg):
     loss, aux = dsink_loss(logits, logits, logits, np.zeros(1, np.int32),
                            alpha=config.dsink.alpha, epsilon=config.dsink.epsilon,
                            num_iters=1, backend=config.dsink.backend)
-    assert np.isfinite(loss) and bool(aux["finite"])
+    assert np.isfinite(loss) and bool(aux.finite)
 
 
 # ----------------------------------------------------------------------------- field values

@@ -80,7 +80,8 @@ def test_sinkhorn_marginals_and_finiteness(shape, amplitude, data):
     noise = _log_softmax(data.draw(logit_matrix(shape, amplitude), label="noise logits"))
     student = _log_softmax(data.draw(logit_matrix(shape, amplitude), label="student logits"))
     mass = data.draw(class_masses(shape[1]), label="class mass")
-    q, info = sinkhorn_allocation(noise, student, mass, num_iters=ITERS, return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=ITERS)
+    q = info.allocation
     q = np.asarray(q, np.float64)
     assert q.shape == shape and np.all(np.isfinite(q)) and np.all(q >= 0)
     batch = shape[0]
@@ -142,7 +143,7 @@ def test_sinkhorn_bad_input_raises_before_any_work(shape, data):
     error, match, args, options = cases[name]
     with mock.patch.object(sinkhorn_lib, "_solve", side_effect=AssertionError("work started")):
         with pytest.raises(error, match=match):
-            sinkhorn_allocation(*args, **{**_GOOD, **options})
+            sinkhorn_allocation(*args, **{**_GOOD, **options}).allocation
 
 
 @pytest.mark.parametrize("epsilon", [1e-3, 1e-4, 1e-6, 1e-30, 1e-40])
@@ -151,7 +152,7 @@ def test_sinkhorn_small_epsilon_keeps_rows_on_the_simplex_or_is_refused(epsilon)
     noise, student = (_log_softmax(3.0 * rng.normal(size=(8, 5))) for _ in range(2))
     try:
         q = sinkhorn_allocation(noise, student, np.full(5, 0.2, np.float32), epsilon=epsilon,
-                                num_iters=ITERS)
+                                num_iters=ITERS).allocation
     except ValueError:
         return
     assert np.all(np.isfinite(q)), "non-finite Q"
@@ -182,21 +183,21 @@ def test_dsink_loss_is_finite_with_closed_form_gradient(shape, amplitude, mode_a
     (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(student)
     aux = jax.tree.map(np.asarray, aux)
     grad = np.asarray(grad, np.float64)
-    assert np.isfinite(loss) and aux["finite"] and np.all(np.isfinite(grad))
-    q = aux["allocation"].astype(np.float64)
+    assert np.isfinite(loss) and aux.finite and np.all(np.isfinite(grad))
+    q = aux.allocation.astype(np.float64)
     scores = (_log_softmax(noise).astype(np.float64) + _log_softmax(student)) / 2.0
     np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5 + 4 * _F32_EPS * np.abs(scores).max())
-    assert np.all(aux["distill"] >= -1e-4 * (1 + np.abs(aux["base"])))  # CE of distributions
-    np.testing.assert_allclose(aux["per_example"], aux["base"] + alpha * aux["distill"],
+    assert np.all(aux.distill >= -1e-4 * (1 + np.abs(aux.base)))  # CE of distributions
+    np.testing.assert_allclose(aux.per_example, aux.base + alpha * aux.distill,
                                rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(loss, aux["per_example"].mean(), rtol=1e-5)
+    np.testing.assert_allclose(loss, aux.per_example.mean(), rtol=1e-5)
     if base_loss == "none":
-        np.testing.assert_array_equal(aux["base"], 0.0)
+        np.testing.assert_array_equal(aux.base, 0.0)
     if alpha == 0.0:
-        np.testing.assert_array_equal(aux["per_example"], aux["base"])
+        np.testing.assert_array_equal(aux.per_example, aux.base)
     expected_mass = (mass if mode == "global" else scipy.special.softmax(
         imbalance.astype(np.float64), axis=1).mean(0))
-    np.testing.assert_allclose(aux["class_mass"], expected_mass, atol=1e-6)
+    np.testing.assert_allclose(aux.class_mass, expected_mass, atol=1e-6)
     # Q is a stopped target: d/ds of mean_i [CE(y_i) + alpha CE(q_i)] = (p - e_y + alpha
     # (sum(q_i) p - q_i)) / B.
     p = scipy.special.softmax(student.astype(np.float64), axis=1)

@@ -30,9 +30,9 @@ def _batch(seed):
 
 
 def _reference_allocation(student, noise_teacher, class_mass, epsilon=2.0):
-    q, _ = sinkhorn_allocation(
+    q = sinkhorn_allocation(
         jax.nn.log_softmax(noise_teacher), jax.nn.log_softmax(student),
-        class_mass, epsilon=epsilon, num_iters=ITERS, return_info=True)
+        class_mass, epsilon=epsilon, num_iters=ITERS).allocation
     return q
 
 
@@ -45,23 +45,23 @@ def test_loss_value_and_aux_by_hand():
     log_p = np.asarray(jax.nn.log_softmax(student), np.float64)
     base = -log_p[np.arange(B), np.asarray(labels)]
     distill = -(q * log_p).sum(1)
-    np.testing.assert_allclose(aux["class_mass"], mass, rtol=1e-6)
-    np.testing.assert_allclose(aux["allocation"], q, atol=1e-6)
-    np.testing.assert_allclose(aux["base"], base, rtol=1e-5)
-    np.testing.assert_allclose(aux["distill"], distill, rtol=1e-5)
-    np.testing.assert_allclose(aux["per_example"], base + 3.0 * distill,
+    np.testing.assert_allclose(aux.class_mass, mass, rtol=1e-6)
+    np.testing.assert_allclose(aux.allocation, q, atol=1e-6)
+    np.testing.assert_allclose(aux.base, base, rtol=1e-5)
+    np.testing.assert_allclose(aux.distill, distill, rtol=1e-5)
+    np.testing.assert_allclose(aux.per_example, base + 3.0 * distill,
                                rtol=1e-5)
     np.testing.assert_allclose(loss, np.mean(base + 3.0 * distill), rtol=1e-5)
     q_safe = np.where(q > 0, q, 1.0)
-    np.testing.assert_allclose(aux["allocation_entropy"],
+    np.testing.assert_allclose(aux.allocation_entropy,
                                np.mean(-(q * np.log(q_safe)).sum(1)), rtol=1e-5)
     np.testing.assert_allclose(
-        aux["marginal_error"], np.max(np.abs(q.sum(0) - B * mass)) / B,
+        aux.marginal_error, np.max(np.abs(q.sum(0) - B * mass)) / B,
         atol=1e-7)
-    assert aux["marginal_error"] < 1e-5
-    assert bool(aux["finite"])
-    chex.assert_shape([aux["base"], aux["distill"], aux["per_example"]], (B,))
-    chex.assert_shape(aux["allocation"], (B, C))
+    assert aux.marginal_error < 1e-5
+    assert bool(aux.finite)
+    chex.assert_shape([aux.base, aux.distill, aux.per_example], (B,))
+    chex.assert_shape(aux.allocation, (B, C))
     chex.assert_shape(loss, ())
 
 
@@ -125,23 +125,23 @@ def test_global_class_mass_mode():
     np.testing.assert_allclose(mass.sum(), 1.0, atol=1e-6)
     _, aux = dsink_loss(student, noise_teacher, None, labels, alpha=1.0,
                         class_mass=mass, num_iters=ITERS)
-    np.testing.assert_allclose(aux["class_mass"], mass)
-    np.testing.assert_allclose(aux["allocation"].sum(0), B * mass, atol=1e-4)
+    np.testing.assert_allclose(aux.class_mass, mass)
+    np.testing.assert_allclose(aux.allocation.sum(0), B * mass, atol=1e-4)
     # The given vector is used as is, even when a batch teacher is passed.
     _, aux_both = dsink_loss(student, noise_teacher, imbalance_teacher, labels,
                              alpha=1.0, class_mass=mass, num_iters=ITERS)
-    np.testing.assert_allclose(aux_both["allocation"], aux["allocation"])
+    np.testing.assert_allclose(aux_both.allocation, aux.allocation)
 
 
 def test_base_loss_none_is_distillation_only():
     student, noise_teacher, imbalance_teacher, labels = _batch(5)
     loss, aux = dsink_loss(student, noise_teacher, imbalance_teacher, None,
                            alpha=2.0, base_loss="none", num_iters=ITERS)
-    np.testing.assert_array_equal(aux["base"], 0.0)
-    np.testing.assert_allclose(loss, 2.0 * aux["distill"].mean(), rtol=1e-6)
+    np.testing.assert_array_equal(aux.base, 0.0)
+    np.testing.assert_allclose(loss, 2.0 * aux.distill.mean(), rtol=1e-6)
     _, aux_ce = dsink_loss(student, noise_teacher, imbalance_teacher, labels,
                            alpha=2.0, num_iters=ITERS)
-    np.testing.assert_allclose(aux["distill"], aux_ce["distill"], rtol=1e-6)
+    np.testing.assert_allclose(aux.distill, aux_ce.distill, rtol=1e-6)
 
 
 def test_base_loss_la_is_the_logit_adjusted_ce_by_hand():
@@ -151,14 +151,14 @@ def test_base_loss_la_is_the_logit_adjusted_ce_by_hand():
                            base_loss="la", label_prior=prior, la_tau=0.5, num_iters=ITERS)
     adjusted = np.asarray(student, np.float64) + 0.5 * np.log(np.asarray(prior, np.float64))
     log_p = adjusted - scipy.special.logsumexp(adjusted, axis=1, keepdims=True)
-    np.testing.assert_allclose(aux["base"], -log_p[np.arange(B), np.asarray(labels)], rtol=1e-5)
+    np.testing.assert_allclose(aux.base, -log_p[np.arange(B), np.asarray(labels)], rtol=1e-5)
     # Only the base term changes: Q and the distillation term are those of base_loss="ce".
     _, aux_ce = dsink_loss(student, noise_teacher, imbalance_teacher, labels, alpha=2.0,
                            num_iters=ITERS)
-    np.testing.assert_allclose(aux["allocation"], aux_ce["allocation"], atol=1e-7)
-    np.testing.assert_allclose(aux["distill"], aux_ce["distill"], rtol=1e-6)
-    np.testing.assert_allclose(loss, np.mean(aux["base"] + 2.0 * aux["distill"]), rtol=1e-6)
-    assert not np.allclose(aux["base"], aux_ce["base"])
+    np.testing.assert_allclose(aux.allocation, aux_ce.allocation, atol=1e-7)
+    np.testing.assert_allclose(aux.distill, aux_ce.distill, rtol=1e-6)
+    np.testing.assert_allclose(loss, np.mean(aux.base + 2.0 * aux.distill), rtol=1e-6)
+    assert not np.allclose(aux.base, aux_ce.base)
 
 
 def test_distillation_terms_take_any_allocation():
@@ -166,10 +166,10 @@ def test_distillation_terms_take_any_allocation():
     q = jax.nn.softmax(jax.random.normal(jax.random.key(3), (B, C)))
     aux = distillation_terms(student, q, labels, alpha=1.5)
     log_p = np.asarray(jax.nn.log_softmax(student), np.float64)
-    np.testing.assert_allclose(aux["distill"], -(np.asarray(q) * log_p).sum(1), rtol=1e-5)
-    np.testing.assert_allclose(aux["per_example"], aux["base"] + 1.5 * aux["distill"], rtol=1e-6)
-    grad_q = jax.grad(lambda q: distillation_terms(student, q, labels, alpha=1.0)[
-        "per_example"].sum())(q)
+    np.testing.assert_allclose(aux.distill, -(np.asarray(q) * log_p).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(aux.per_example, aux.base + 1.5 * aux.distill, rtol=1e-6)
+    grad_q = jax.grad(lambda q: distillation_terms(student, q, labels,
+                                                   alpha=1.0).per_example.sum())(q)
     np.testing.assert_array_equal(grad_q, 0.0)  # Q is a target
 
 
@@ -179,7 +179,7 @@ def test_ott_backend_matches_native_under_jit():
     via_ott = jax.jit(lambda *a: dsink_loss(*a, alpha=1.0, num_iters=ITERS,
                                             backend="ott"))
     (loss_n, aux_n), (loss_o, aux_o) = native(*batch), via_ott(*batch)
-    np.testing.assert_allclose(aux_n["allocation"], aux_o["allocation"],
+    np.testing.assert_allclose(aux_n.allocation, aux_o.allocation,
                                atol=1e-5)
     np.testing.assert_allclose(loss_n, loss_o, rtol=1e-5)
 
@@ -206,12 +206,12 @@ def test_vmap_over_alpha_and_epsilon_equals_loop():
     losses, aux = jax.vmap(
         lambda a, e: dsink_loss(*batch, alpha=a, epsilon=e, num_iters=ITERS))(
             alphas, epsilons)
-    chex.assert_shape(aux["allocation"], (3, B, C))
+    chex.assert_shape(aux.allocation, (3, B, C))
     for k in range(3):
         loss, aux_k = dsink_loss(*batch, alpha=float(alphas[k]),
                                  epsilon=float(epsilons[k]), num_iters=ITERS)
         np.testing.assert_allclose(losses[k], loss, rtol=1e-5)
-        np.testing.assert_allclose(aux["allocation"][k], aux_k["allocation"],
+        np.testing.assert_allclose(aux.allocation[k], aux_k.allocation,
                                    atol=1e-6)
     assert len(set(np.asarray(losses).tolist())) == 3
 
@@ -220,7 +220,7 @@ def test_finite_flag_under_jit_with_nan_input():
     student, noise_teacher, imbalance_teacher, labels = _batch(8)
     loss_fn = jax.jit(lambda s: dsink_loss(s, noise_teacher, imbalance_teacher,
                                            labels, alpha=1.0,
-                                           num_iters=ITERS)[1]["finite"])
+                                           num_iters=ITERS)[1].finite)
     assert bool(loss_fn(student))
     assert not bool(loss_fn(student.at[3, 1].set(jnp.nan)))
 
@@ -243,7 +243,7 @@ def test_batch_sharded_over_devices_matches_single_device():
         loss_s, aux_s = fn(*sharded)
         assert len(sharded[0].sharding.device_set) == 2
         np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
-        np.testing.assert_allclose(aux_s["allocation"], aux["allocation"],
+        np.testing.assert_allclose(aux_s.allocation, aux.allocation,
                                    atol=1e-6)
         print("OK")
     """)
@@ -315,3 +315,41 @@ def test_bad_arrays_raise():
                    labels, alpha=1.0)
     with pytest.raises(ValueError, match=r"shape \(7,\); expected \[N, C\]"):
         global_class_mass(jnp.ones(7))
+
+
+@pytest.mark.parametrize("mode", ["batch", "global"])
+def test_padding_plus_a_mask_equals_the_unpadded_batch(mode):
+    student, noise_teacher, imbalance_teacher, labels = _batch(21)
+    pad = lambda x, fill: jnp.concatenate([x, jnp.full((5,) + x.shape[1:], fill, x.dtype)])
+    where = jnp.arange(B + 5) < B
+    mass = jnp.asarray([0.4, 0.3, 0.2, 0.1]) if mode == "global" else None
+    kwargs = dict(alpha=2.0, num_iters=ITERS, class_mass=mass)
+    loss, aux = dsink_loss(student, noise_teacher, imbalance_teacher, labels, **kwargs)
+    padded = (pad(student, 3.0), pad(noise_teacher, -2.0), pad(imbalance_teacher, 9.0),
+              pad(labels, 0))
+    loss_m, aux_m = dsink_loss(*padded, where=where, **kwargs)
+    np.testing.assert_allclose(loss_m, loss, rtol=1e-5)
+    np.testing.assert_allclose(aux_m.allocation[:B], aux.allocation, atol=2e-6)
+    np.testing.assert_allclose(aux_m.class_mass, aux.class_mass, rtol=1e-6)
+    np.testing.assert_allclose(aux_m.per_example[:B], aux.per_example, rtol=1e-5)
+    np.testing.assert_array_equal(aux_m.per_example[B:], 0.0)
+    np.testing.assert_allclose(aux_m.allocation_entropy, aux.allocation_entropy, rtol=1e-5)
+    # Gradients: padded rows get none, the others exactly those of the unpadded batch.
+    grad = jax.grad(lambda s: dsink_loss(s, *padded[1:], where=where, **kwargs)[0])(padded[0])
+    grad_alone = jax.grad(lambda s: dsink_loss(s, *_batch(21)[1:], **kwargs)[0])(student)
+    np.testing.assert_allclose(grad[:B], grad_alone, atol=1e-6)
+    np.testing.assert_array_equal(grad[B:], 0.0)
+    # The unmasked padded batch is a different problem (the mask matters).
+    loss_u, _ = dsink_loss(*padded, **kwargs)
+    assert abs(float(loss_u) - float(loss)) > 1e-3
+
+
+def test_reduction_none_gives_the_per_example_losses():
+    batch = _batch(22)
+    per_example, aux = dsink_loss(*batch, alpha=1.0, num_iters=ITERS, reduction="none")
+    chex.assert_shape(per_example, (B,))
+    np.testing.assert_array_equal(per_example, aux.per_example)
+    loss, _ = dsink_loss(*batch, alpha=1.0, num_iters=ITERS)
+    np.testing.assert_allclose(jnp.mean(per_example), loss, rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction='sum'; allowed values"):
+        dsink_loss(*batch, alpha=1.0, reduction="sum")

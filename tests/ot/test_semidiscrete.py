@@ -57,7 +57,7 @@ def _hard_energy(weights, nu, h, scale, points):
 def test_solved_cells_carry_target_masses(num_classes, dim, concentration, tol):
     weights, nu = _problem(0, num_classes, dim, concentration)
     scale = 16.0
-    h = semidiscrete_potential(weights, nu, scale=scale, rng=jax.random.key(1), **_SOLVER)
+    h = semidiscrete_potential(weights, nu, scale=scale, rng=jax.random.key(1), **_SOLVER).potential
     check_points = _check_sample(2, 100_000, dim)
     mass = cell_masses(weights, h, scale=scale, points=check_points)
     np.testing.assert_allclose(mass, nu, atol=tol, rtol=0)
@@ -79,7 +79,7 @@ def test_two_antipodal_classes_match_spherical_cap_closed_form():
     a = scipy.optimize.brentq(lambda a: cap_mass(a, dim) - nu0, 0.0, 1.0)
     w = _unit(jnp.arange(1.0, dim + 1.0))
     h = semidiscrete_potential(jnp.stack([w, -w]), jnp.array([nu0, 1 - nu0]), scale=scale,
-                               rng=jax.random.key(0), **_SOLVER)
+                               rng=jax.random.key(0), **_SOLVER).potential
     # d m_0 / d h_0 is the cap's boundary density / (2 s), ~0.3 here: a mass error of 1e-3 moves
     # h by ~0.003.
     np.testing.assert_allclose(h, [-scale * a, scale * a], atol=0.03)
@@ -101,19 +101,20 @@ def _bayes_problem(scale, num_points, seed):
 
 def test_entropic_potential_of_bayes_consistent_logits_is_log_prior_on_given_points():
     weights, nu, log_prior, points = _bayes_problem(10.0, 2048, seed=0)
-    h, info = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(1),
-                                     entropic_epsilon=1.0, source_points=points, return_info=True,
+    info = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(1),
+                                     entropic_epsilon=1.0, source_points=points,
                                      **_SOLVER)
+    h = info.potential
     np.testing.assert_allclose(h, log_prior, atol=0.02)
     assert float(info.mass_error) < 1e-3
     # The other options reach the same answer: cosine decay, last iterate (no averaging).
     h_cosine = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(1),
                                       entropic_epsilon=1.0, source_points=points,
-                                      lr_decay="cosine", average_fraction=1 / 200, **_SOLVER)
+                                      lr_decay="cosine", average_fraction=1 / 200, **_SOLVER).potential
     np.testing.assert_allclose(h_cosine, log_prior, atol=0.02)
     # Not vacuous: the hard-cell potential for the same masses is a different vector.
-    h_hard, _ = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(1),
-                                       source_points=points, return_info=True, **_SOLVER)
+    h_hard = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(1),
+                                       source_points=points, **_SOLVER).potential
     assert float(jnp.max(jnp.abs(h_hard - log_prior))) > 0.1
 
 
@@ -122,14 +123,14 @@ def test_entropic_potential_of_bayes_consistent_logits_is_log_prior_on_the_spher
     # mu = uniform on the sphere, sampled afresh each step; nu from 200k points (std < 1e-3).
     weights, nu, log_prior, _ = _bayes_problem(4.0, 200_000, seed=0)
     h = semidiscrete_potential(weights, nu, scale=4.0, rng=jax.random.key(1),
-                               entropic_epsilon=1.0, backend=backend, **_SOLVER)
+                               entropic_epsilon=1.0, backend=backend, **_SOLVER).potential
     np.testing.assert_allclose(h, log_prior, atol=0.02)
 
 
 def test_ott_backend_agrees_with_native_backend_on_hard_cells():
     weights, nu = _problem(3, 10, 16, concentration=3.0)
     solve = lambda backend: semidiscrete_potential(
-        weights, nu, scale=10.0, rng=jax.random.key(4), backend=backend, **_SOLVER)
+        weights, nu, scale=10.0, rng=jax.random.key(4), backend=backend, **_SOLVER).potential
     h_native, h_ott = solve("native"), solve("ott")
     # Both are noisy estimates (ott averages ~10 iterates by EMA, ours 100): over 4 seeds they
     # differed by at most 0.05, on heights spanning several logits.
@@ -143,8 +144,9 @@ def test_ott_backend_agrees_with_native_backend_on_hard_cells():
 def test_solution_minimises_the_energy_and_info_is_consistent():
     # Hard cells on given points (the same compiled solver as the Bayes test's hard solve).
     weights, nu, _, points = _bayes_problem(10.0, 2048, seed=0)
-    h, info = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(7),
-                                     source_points=points, return_info=True, **_SOLVER)
+    info = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(7),
+                                     source_points=points, **_SOLVER)
+    h = info.potential
     energy = _hard_energy(weights, nu, h, 10.0, points)
     np.testing.assert_allclose(info.energy, energy, rtol=1e-5)
     np.testing.assert_allclose(info.cell_mass, cell_masses(weights, h, scale=10.0, points=points))
@@ -194,7 +196,7 @@ def test_jit_and_vmap_over_masses_and_scale_match_single_solves_without_retracin
     @chex.assert_max_traces(n=1)
     def solve(nu, scale, init):
         return semidiscrete_potential(weights, nu, scale=scale, rng=jax.random.key(16),
-                                      num_samples=256, num_steps=10, init=init)
+                                      num_samples=256, num_steps=10, init=init).potential
 
     init = jnp.zeros(5)
     batched = jax.jit(jax.vmap(solve, in_axes=(0, 0, None)))(nus, scales, init)
@@ -211,13 +213,13 @@ def test_jit_and_vmap_over_masses_and_scale_match_single_solves_without_retracin
 def test_warm_start_stays_near_the_solution():
     weights, nu = _problem(18, 100, 64, concentration=2.0)
     scale = 16.0
-    h_star = semidiscrete_potential(weights, nu, scale=scale, rng=jax.random.key(19), **_SOLVER)
+    h_star = semidiscrete_potential(weights, nu, scale=scale, rng=jax.random.key(19), **_SOLVER).potential
     check_points = _check_sample(2, 100_000, 64)  # Shared with the test above (cached).
     error = lambda h: float(jnp.max(jnp.abs(cell_masses(weights, h, scale=scale,
                                                         points=check_points) - nu)))
     warm = lambda init: semidiscrete_potential(weights, nu, scale=scale, rng=jax.random.key(21),
                                                num_samples=1024, num_steps=5, learning_rate=0.01,
-                                               init=init)
+                                               init=init).potential
     h_warm = warm(h_star + 7.0)  # A constant shift is no change: h is defined up to constants.
     # Adam moves each height by about the learning rate per step: 5 x 0.01 (observed 0.04).
     assert float(jnp.max(jnp.abs(h_warm - h_star))) < 0.06
@@ -255,7 +257,7 @@ def test_bad_inputs_raise_before_work(kwargs, match):
             "scale": 1.0, "rng": jax.random.key(0)}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        semidiscrete_potential(args.pop("class_weights"), args.pop("target_mass"), **args)
+        semidiscrete_potential(args.pop("class_weights"), args.pop("target_mass"), **args).potential
 
 
 def test_cell_masses_bad_inputs_raise():
@@ -269,12 +271,12 @@ def test_cell_masses_bad_inputs_raise():
 
 def test_update_potential_is_the_warm_started_solve_and_tracks_moved_weights():
     weights, nu = _problem(5, 10, 16, concentration=3.0)
-    h0 = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(0), **_SOLVER)
+    h0 = semidiscrete_potential(weights, nu, scale=10.0, rng=jax.random.key(0), **_SOLVER).potential
     moved = weights + 0.05 * jax.random.normal(jax.random.key(9), weights.shape)
     h1 = update_potential(h0, moved, nu, scale=10.0, rng=jax.random.key(2), num_samples=2048,
                           num_steps=20, learning_rate=0.02)
     direct = semidiscrete_potential(moved, nu, scale=10.0, rng=jax.random.key(2),
-                                    num_samples=2048, num_steps=20, learning_rate=0.02, init=h0)
+                                    num_samples=2048, num_steps=20, learning_rate=0.02, init=h0).potential
     np.testing.assert_array_equal(h1, direct)
     points = _check_sample(7, 100_000, 16)
     error = lambda h: float(jnp.max(jnp.abs(cell_masses(moved, h, scale=10.0, points=points) - nu)))

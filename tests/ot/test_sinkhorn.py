@@ -8,7 +8,7 @@ import pytest
 import scipy.optimize
 import scipy.special
 
-from dsink_jax.ot.sinkhorn import (SinkhornInfo, allocation_from_potential, class_potential_step,
+from dsink_jax.ot.sinkhorn import (SinkhornOutput, allocation_from_potential, class_potential_step,
                                    sinkhorn_allocation)
 
 BACKENDS = ("native", "ott")
@@ -61,11 +61,12 @@ def _dual_oracle(noise, student, mass, epsilon):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_marginals_after_convergence(backend):
     noise, student, mass = _problem(0)
-    q, info = sinkhorn_allocation(noise, student, mass, num_iters=300,
-                                  backend=backend, return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                  backend=backend)
+    q = info.allocation
     chex.assert_shape(q, (12, 4))
     assert q.dtype == jnp.float32
-    assert isinstance(info, SinkhornInfo)
+    assert isinstance(info, SinkhornOutput)
     np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(q.sum(axis=0), 12 * mass, atol=1e-4)
     assert np.all(np.asarray(q) >= 0)
@@ -81,8 +82,8 @@ def test_column_error_reports_non_convergence():
     # One iteration on a peaked problem leaves a visible class-mass violation;
     # the info must say so (it is the only marginal that carries the residual).
     noise, student, mass = _problem(1, scale=4.0)
-    q, info = sinkhorn_allocation(noise, student, mass, num_iters=1,
-                                  return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=1)
+    q = info.allocation
     measured = np.max(np.abs(np.asarray(q).sum(0) - 12 * np.asarray(mass))) / 12
     assert measured > 1e-3
     np.testing.assert_allclose(info.column_error, measured, rtol=1e-5)
@@ -99,8 +100,8 @@ def test_one_iteration_by_hand():
     scaled = kernel * 12 * np.asarray(mass) / kernel.sum(0)
     expected = scaled / scaled.sum(1, keepdims=True)
     for backend in BACKENDS:
-        q, _ = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
-                                   num_iters=1, backend=backend, return_info=True)
+        q = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
+                                   num_iters=1, backend=backend).allocation
         np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -109,8 +110,9 @@ def test_closed_form_softmax_with_class_potential(epsilon):
     # METHOD.md: q_i = softmax((z^N_i + z_i) / epsilon + g); at epsilon = 2 it is
     # softmax(z^N/2 + z/2 + g), the class-shifted geometric mean.
     noise, student, mass = _problem(3)
-    q, info = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
-                                  num_iters=300, return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
+                                  num_iters=300)
+    q = info.allocation
     expected = jax.nn.softmax((noise + student) / epsilon + info.potential)
     np.testing.assert_allclose(q, expected, atol=2e-6)
     np.testing.assert_allclose(jnp.mean(info.potential), 0.0, atol=1e-5)
@@ -127,8 +129,8 @@ def test_geometric_mean_when_class_mass_already_matches():
                                np.asarray(student)))
     geometric /= geometric.sum(1, keepdims=True)
     mass = geometric.mean(0)
-    q, info = sinkhorn_allocation(noise, student, mass, num_iters=300,
-                                  return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=300)
+    q = info.allocation
     np.testing.assert_allclose(q, geometric, atol=1e-6)
     np.testing.assert_allclose(info.potential, 0.0, atol=1e-5)
 
@@ -140,9 +142,8 @@ def test_pot_oracle(epsilon):
     plan = pot.sinkhorn(np.full(12, 1 / 12), np.asarray(mass, np.float64), cost,
                         reg=epsilon, numItermax=5000, stopThr=1e-10, warn=False)
     for backend in BACKENDS:
-        q, _ = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
-                                   num_iters=300, backend=backend,
-                                   return_info=True)
+        q = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
+                                   num_iters=300, backend=backend).allocation
         np.testing.assert_allclose(q, 12 * plan, atol=1e-5)
 
 
@@ -170,19 +171,19 @@ def test_constrained_primal_optimiser_oracle():
         bounds=[(1e-12, 1.0)] * 18, constraints=constraints,
         options={"ftol": 1e-14, "maxiter": 1000})
     assert result.success, result.message
-    q, _ = sinkhorn_allocation(noise, student, mass, epsilon=2.0, num_iters=300,
-                               return_info=True)
+    q = sinkhorn_allocation(noise, student, mass, epsilon=2.0, num_iters=300).allocation
     np.testing.assert_allclose(q, result.x.reshape(6, 3), atol=1e-4)
 
 
 @pytest.mark.parametrize("num_iters", [1, 300])
 def test_backends_agree_at_every_iteration_count(num_iters):
     noise, student, mass = _problem(7)
-    q_native, info_native = sinkhorn_allocation(
-        noise, student, mass, epsilon=0.7, num_iters=num_iters, return_info=True)
-    q_ott, info_ott = sinkhorn_allocation(
-        noise, student, mass, epsilon=0.7, num_iters=num_iters, backend="ott",
-        return_info=True)
+    info_native = sinkhorn_allocation(
+        noise, student, mass, epsilon=0.7, num_iters=num_iters)
+    q_native = info_native.allocation
+    info_ott = sinkhorn_allocation(
+        noise, student, mass, epsilon=0.7, num_iters=num_iters, backend="ott")
+    q_ott = info_ott.allocation
     np.testing.assert_allclose(q_native, q_ott, atol=1e-5)
     np.testing.assert_allclose(info_native.potential, info_ott.potential,
                                atol=1e-4)
@@ -194,8 +195,9 @@ def test_backends_agree_at_every_iteration_count(num_iters):
 def test_zero_mass_class_gets_empty_column(backend):
     noise, student, _ = _problem(8)
     mass = jnp.array([0.5, 0.0, 0.25, 0.25])
-    q, info = sinkhorn_allocation(noise, student, mass, num_iters=300,
-                                  backend=backend, return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=300,
+                                  backend=backend)
+    q = info.allocation
     assert np.all(np.isfinite(q))
     np.testing.assert_allclose(q[:, 1], 0.0, atol=1e-7)
     np.testing.assert_allclose(q.sum(0), 12 * mass, atol=1e-4)
@@ -210,7 +212,7 @@ def test_no_gradient_flows_through_allocation():
 
     def probe(noise, student, mass, epsilon):
         return jnp.sum(weights * sinkhorn_allocation(noise, student, mass,
-                                                     epsilon=epsilon, num_iters=5))
+                                                     epsilon=epsilon, num_iters=5).allocation)
 
     grads = jax.grad(probe, argnums=(0, 1, 2, 3))(noise, student, mass, 2.0)
     for grad in grads:
@@ -220,7 +222,7 @@ def test_no_gradient_flows_through_allocation():
 def test_bfloat16_inputs_give_float32():
     noise, student, mass = _problem(10)
     q = sinkhorn_allocation(noise.astype(jnp.bfloat16),
-                            student.astype(jnp.bfloat16), mass, num_iters=20)
+                            student.astype(jnp.bfloat16), mass, num_iters=20).allocation
     assert q.dtype == jnp.float32
     np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)
 
@@ -233,31 +235,31 @@ def test_jit_matches_eager_without_retracing(backend):
     @chex.assert_max_traces(n=1)
     def solve(noise, student, mass):
         return sinkhorn_allocation(noise, student, mass, num_iters=300,
-                                   backend=backend)
+                                   backend=backend).allocation
 
     for seed in range(3):
         noise, student, mass = _problem(20 + seed)
         np.testing.assert_allclose(
             solve(noise, student, mass),
             sinkhorn_allocation(noise, student, mass, num_iters=300,
-                                backend=backend, return_info=True)[0], atol=1e-6)
+                                backend=backend).allocation, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vmap_over_epsilon_equals_loop(backend):
     noise, student, mass = _problem(11)
     epsilons = jnp.array([0.5, 1.0, 2.0, 4.0])
-    batched, info = jax.vmap(
+    info = jax.vmap(
         lambda eps: sinkhorn_allocation(noise, student, mass, epsilon=eps,
-                                        num_iters=300, backend=backend,
-                                        return_info=True))(epsilons)
+                                        num_iters=300, backend=backend))(epsilons)
+    batched = info.allocation
     chex.assert_shape(batched, (4, 12, 4))
     chex.assert_shape(info.potential, (4, 4))
     for k, eps in enumerate([0.5, 1.0, 2.0, 4.0]):
         np.testing.assert_allclose(
             batched[k],
             sinkhorn_allocation(noise, student, mass, epsilon=eps, num_iters=300,
-                                backend=backend, return_info=True)[0], atol=1e-6)
+                                backend=backend).allocation, atol=1e-6)
     # Different epsilons give different allocations (the sweep is not a no-op).
     assert np.max(np.abs(batched[0] - batched[3])) > 1e-2
 
@@ -279,37 +281,37 @@ def test_vmap_over_epsilon_equals_loop(backend):
 def test_bad_options_raise(kwargs, error, match):
     noise, student, mass = _problem(12)
     with pytest.raises(error, match=match):
-        sinkhorn_allocation(noise, student, mass, **kwargs)
+        sinkhorn_allocation(noise, student, mass, **kwargs).allocation
 
 
 def test_bad_arrays_raise():
     noise, student, mass = _problem(13)
     with pytest.raises(ValueError, match=r"student_log_probs has shape \(12, 3\)"):
-        sinkhorn_allocation(noise, student[:, :3], mass)
+        sinkhorn_allocation(noise, student[:, :3], mass).allocation
     with pytest.raises(ValueError, match=r"noise_log_probs has shape \(12,\)"):
-        sinkhorn_allocation(noise[:, 0], student[:, 0], mass)
+        sinkhorn_allocation(noise[:, 0], student[:, 0], mass).allocation
     with pytest.raises(ValueError, match=r"class_mass has shape \(3,\).*\(4,\)"):
-        sinkhorn_allocation(noise, student, mass[:3])
+        sinkhorn_allocation(noise, student, mass[:3]).allocation
     with pytest.raises(ValueError, match=r"class_mass sums to 2"):
-        sinkhorn_allocation(noise, student, 2 * mass)
+        sinkhorn_allocation(noise, student, 2 * mass).allocation
     with pytest.raises(ValueError, match=r"nonnegative"):
-        sinkhorn_allocation(noise, student, jnp.array([1.5, -0.5, 0.0, 0.0]))
+        sinkhorn_allocation(noise, student, jnp.array([1.5, -0.5, 0.0, 0.0])).allocation
     with pytest.raises(ValueError, match=r"noise_log_probs has a non-finite "
                                          r"entry nan at index \(2, 1\)"):
-        sinkhorn_allocation(noise.at[2, 1].set(jnp.nan), student, mass)
+        sinkhorn_allocation(noise.at[2, 1].set(jnp.nan), student, mass).allocation
     with pytest.raises(ValueError, match=r"student_log_probs has a non-finite "
                                          r"entry -inf"):
-        sinkhorn_allocation(noise, student.at[0, 0].set(-jnp.inf), mass)
+        sinkhorn_allocation(noise, student.at[0, 0].set(-jnp.inf), mass).allocation
 
 
 def test_static_checks_run_under_jit():
     # Shapes and options are checked at trace time, even for traced arrays.
     noise, student, mass = _problem(14)
     with pytest.raises(ValueError, match=r"class_mass has shape"):
-        jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m))(noise, student,
+        jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m).allocation)(noise, student,
                                                                mass[:2])
     with pytest.raises(ValueError, match=r"epsilon=-2.0"):
-        jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m, epsilon=-2.0))(
+        jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m, epsilon=-2.0).allocation)(
             noise, student, mass)
 
 
@@ -317,7 +319,8 @@ def test_static_checks_run_under_jit():
 
 def test_closed_form_with_sinkhorns_potential_is_sinkhorns_plan():
     noise, student, mass = _problem(21, batch_size=40, num_classes=5)
-    plan, info = sinkhorn_allocation(noise, student, mass, num_iters=300, return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=300)
+    plan = info.allocation
     closed = allocation_from_potential(noise, student, info.potential, epsilon=2.0)
     np.testing.assert_allclose(closed, plan, atol=1e-5)
     np.testing.assert_allclose(np.sum(closed, axis=1), 1.0, atol=1e-6)
@@ -332,7 +335,7 @@ def test_full_batch_potential_steps_converge_to_the_sinkhorn_allocation():
         potential = class_potential_step(potential, q, mass, learning_rate=1.0)
     q = allocation_from_potential(noise, student, potential)
     np.testing.assert_allclose(np.mean(q, axis=0), mass, atol=1e-5)
-    reference = sinkhorn_allocation(noise, student, mass, num_iters=300)
+    reference = sinkhorn_allocation(noise, student, mass, num_iters=300).allocation
     np.testing.assert_allclose(q, reference, atol=1e-4)
     assert abs(float(jnp.mean(potential))) < 1e-5  # mean-centred
 
@@ -341,7 +344,8 @@ def test_minibatch_dual_ascent_tracks_the_dataset_marginal_not_each_batch():
     # A dataset of 2,000 samples streamed in batches of 50 with lr 0.05: the carried potential
     # approaches the dataset-level one, while single batches stay free to deviate from m.
     noise, student, mass = _problem(23, batch_size=2000, num_classes=5, scale=3.0)
-    _, info = sinkhorn_allocation(noise, student, mass, num_iters=500, return_info=True)
+    info = sinkhorn_allocation(noise, student, mass, num_iters=500)
+    _ = info.allocation
     step = jax.jit(lambda g, n, s: class_potential_step(
         g, allocation_from_potential(n, s, g), mass, learning_rate=0.05))
     potential = jnp.zeros((5,))
@@ -382,3 +386,49 @@ def test_closed_form_and_potential_step_carry_no_gradient():
     grads = jax.grad(f, argnums=(0, 1, 2))(noise, student, jnp.zeros((4,)))
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
+
+
+# ----------------------------------------------------------------------- masks (where)
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_rows_masked_out_leave_the_other_rows_unchanged(backend):
+    noise, student, mass = _problem(30, batch_size=10, num_classes=4)
+    junk = jax.nn.log_softmax(5.0 * jax.random.normal(jax.random.key(31), (6, 4)))
+    padded_noise = jnp.concatenate([noise, junk])
+    padded_student = jnp.concatenate([student, junk[::-1]])
+    where = jnp.arange(16) < 10
+    alone = sinkhorn_allocation(noise, student, mass, num_iters=300, backend=backend)
+    masked = sinkhorn_allocation(padded_noise, padded_student, mass, num_iters=300,
+                                 backend=backend, where=where)
+    np.testing.assert_allclose(masked.allocation[:10], alone.allocation, atol=2e-6)
+    np.testing.assert_array_equal(masked.allocation[10:], 0.0)
+    np.testing.assert_allclose(masked.potential, alone.potential, atol=2e-5)
+    np.testing.assert_allclose(masked.column_error, alone.column_error, atol=1e-6)
+    # Without the mask the padding does change the real rows (the test is not vacuous).
+    unmasked = sinkhorn_allocation(padded_noise, padded_student, mass, num_iters=300,
+                                   backend=backend)
+    assert float(jnp.max(jnp.abs(unmasked.allocation[:10] - alone.allocation))) > 1e-2
+
+
+def test_a_mask_works_under_jit_and_a_bad_mask_is_refused():
+    noise, student, mass = _problem(32)
+    where = jnp.arange(12) < 7
+    jitted = jax.jit(lambda w: sinkhorn_allocation(noise, student, mass, where=w).allocation)
+    np.testing.assert_allclose(jitted(where)[:7], sinkhorn_allocation(
+        noise[:7], student[:7], mass).allocation, atol=2e-6)
+    with pytest.raises(ValueError, match=r"where has shape \(5,\); expected \(12,\)"):
+        sinkhorn_allocation(noise, student, mass, where=where[:5])
+    with pytest.raises(TypeError, match="where has dtype int32; expected bool"):
+        sinkhorn_allocation(noise, student, mass, where=where.astype(jnp.int32))
+    with pytest.raises(ValueError, match="masks out every row"):
+        sinkhorn_allocation(noise, student, mass, where=jnp.zeros(12, bool))
+
+
+def test_potential_step_ignores_masked_rows():
+    noise, student, mass = _problem(33, batch_size=8)
+    q = allocation_from_potential(noise, student, jnp.zeros(4))
+    padded = jnp.concatenate([q, jnp.eye(4)[jnp.zeros(4, int)]])  # four rows all on class 0
+    step = class_potential_step(jnp.zeros(4), q, mass, learning_rate=0.5)
+    masked = class_potential_step(jnp.zeros(4), padded, mass, learning_rate=0.5,
+                                  where=jnp.arange(12) < 8)
+    np.testing.assert_allclose(masked, step, atol=1e-6)

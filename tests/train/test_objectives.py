@@ -16,7 +16,7 @@ B, C, N = 16, 4, 40
 def options(**overrides):
     base = dict(alpha=2.0, epsilon=2.0, num_iters=200, backend="native", base_loss="ce",
                 allocation="batch", potential_learning_rate=0.1, alpha_warmup_epochs=0.0,
-                student_logit_adjustment=0.0)
+                student_logit_adjustment=0.0, class_mass_prior="none")
     base.update(overrides)
     return ml_collections.ConfigDict(base)
 
@@ -49,9 +49,9 @@ def test_batch_mode_equals_dsink_loss_and_reports_diagnostics():
     per_example, extra, diag = objective(logits, labels, indices=indices, extra={}, step=0,
                                          teacher_logits=(noise, imbalance))
     _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=2.0, num_iters=200)
-    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-6)
+    np.testing.assert_allclose(per_example, aux.per_example, rtol=1e-6)
     assert extra == {}
-    q_pred = np.argmax(np.asarray(aux["allocation"]), -1)
+    q_pred = np.argmax(np.asarray(aux.allocation), -1)
     true = CLEAN[np.asarray(indices)]
     np.testing.assert_allclose(diag["allocation_accuracy"], np.mean(q_pred == true))
     noisy = np.asarray(labels) != true
@@ -70,7 +70,7 @@ def test_online_mode_uses_the_carried_potential_and_moves_it():
         teacher_logits=(noise,))
     q = ot.allocation_from_potential(jax.nn.log_softmax(noise), jax.nn.log_softmax(logits),
                                      potential)
-    expected = distillation_terms(logits, q, labels, alpha=2.0)["per_example"]
+    expected = distillation_terms(logits, q, labels, alpha=2.0).per_example
     np.testing.assert_allclose(per_example, expected, rtol=1e-6)
     np.testing.assert_allclose(
         new_extra["class_potential"],
@@ -85,7 +85,7 @@ def test_dataset_mode_looks_its_targets_up_by_index():
     table = jax.nn.softmax(jax.random.normal(jax.random.key(7), (N, C)))
     per_example, extra, _ = objective(logits, labels, indices=indices,
                                       extra={"allocation": table}, step=0, teacher_logits=())
-    expected = distillation_terms(logits, table[indices], labels, alpha=2.0)["per_example"]
+    expected = distillation_terms(logits, table[indices], labels, alpha=2.0).per_example
     np.testing.assert_allclose(per_example, expected, rtol=1e-6)
     assert objective.init_extra()["allocation"].shape == (N, C)
 
@@ -107,9 +107,21 @@ def test_dataset_refresh_solves_over_the_whole_set_on_its_schedule():
     new = refresh(None, 2, predict)
     assert calls == [images.shape]
     expected = ot.sinkhorn_allocation(jax.nn.log_softmax(noise_logits),
-                                      jax.nn.log_softmax(student_logits), MASS, num_iters=200)
+                                      jax.nn.log_softmax(student_logits), MASS, num_iters=200).allocation
     np.testing.assert_allclose(new["allocation"], expected, atol=1e-6)
     np.testing.assert_allclose(new["allocation"].mean(0), MASS, atol=1e-4)
+
+
+def test_class_mass_prior_reweights_f_l_by_the_label_prior_before_the_batch_mass():
+    logits, noise, imbalance, labels, indices = batch(7)
+    per_example, _, _ = make(class_mass_prior="label_prior")(
+        logits, labels, indices=indices, extra={}, step=0, teacher_logits=(noise, imbalance))
+    log_prior = jnp.log(COUNTS / COUNTS.sum())
+    _, aux = dsink_loss(logits, noise, imbalance + log_prior, labels, alpha=2.0, num_iters=200)
+    np.testing.assert_allclose(per_example, aux.per_example, rtol=1e-5)
+    mass = jax.nn.softmax(imbalance + log_prior).mean(0)
+    np.testing.assert_allclose(aux.class_mass, mass, rtol=1e-5)
+    assert not np.allclose(mass, jax.nn.softmax(imbalance).mean(0), atol=1e-2)
 
 
 def test_base_loss_la_uses_the_given_label_prior():
@@ -119,7 +131,7 @@ def test_base_loss_la_uses_the_given_label_prior():
     prior = COUNTS / COUNTS.sum()
     _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=2.0, num_iters=200,
                         base_loss="la", label_prior=prior)
-    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-6)
+    np.testing.assert_allclose(per_example, aux.per_example, rtol=1e-6)
 
 
 def test_alpha_warmup_ramps_the_distillation_weight():
@@ -129,7 +141,7 @@ def test_alpha_warmup_ramps_the_distillation_weight():
     for step, weight in ((0, 2.0 / 20), (9, 2.0 * 10 / 20), (19, 2.0), (50, 2.0)):
         per_example, _, _ = objective(logits, labels, indices=indices, extra={}, step=step,
                                       teacher_logits=(noise, imbalance))
-        np.testing.assert_allclose(per_example, aux["base"] + weight * aux["distill"],
+        np.testing.assert_allclose(per_example, aux.base + weight * aux.distill,
                                    rtol=1e-5)
 
 
@@ -139,7 +151,7 @@ def test_student_logit_adjustment_shifts_every_term_by_tau_log_prior():
         logits, labels, indices=indices, extra={}, step=0, teacher_logits=(noise, imbalance))
     shifted = logits + 0.5 * jnp.log(COUNTS / COUNTS.sum())
     _, aux = dsink_loss(shifted, noise, imbalance, labels, alpha=2.0, num_iters=200)
-    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-5)
+    np.testing.assert_allclose(per_example, aux.per_example, rtol=1e-5)
     unshifted, _, _ = make()(logits, labels, indices=indices, extra={}, step=0,
                              teacher_logits=(noise, imbalance))
     assert not np.allclose(per_example, unshifted)
@@ -152,7 +164,7 @@ def test_hparams_in_extra_override_the_options():
                                step=0, teacher_logits=(noise, imbalance))
     _, aux = dsink_loss(logits, noise, imbalance, labels, alpha=0.5, epsilon=1.0,
                         num_iters=200)
-    np.testing.assert_allclose(per_example, aux["per_example"], rtol=1e-5)
+    np.testing.assert_allclose(per_example, aux.per_example, rtol=1e-5)
 
 
 def test_bad_allocation_options_raise():
