@@ -7,11 +7,11 @@
   and :func:`update_potential`, its warm-started re-solve during training.
 """
 
-from dsink_jax.ot.semidiscrete import (PotentialOutput, cell_masses, semidiscrete_potential,
-                                       update_potential)
+from dsink_jax.ot.semidiscrete import (PotentialOutput, cell_masses, sample_unit_sphere,
+                                       semidiscrete_potential, update_potential)
 from dsink_jax.ot.sinkhorn import (SinkhornOutput, allocation_from_potential, class_potential_step,
                                    sinkhorn_allocation)
 
 __all__ = ["PotentialOutput", "SinkhornOutput", "allocation_from_potential", "cell_masses",
-           "class_potential_step", "semidiscrete_potential", "sinkhorn_allocation",
-           "update_potential"]
+           "class_potential_step", "sample_unit_sphere", "semidiscrete_potential",
+           "sinkhorn_allocation", "update_potential"]

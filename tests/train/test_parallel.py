@@ -30,6 +30,20 @@ SCRIPT = textwrap.dedent("""
                         jax.tree.leaves((s4.params, s4.batch_stats, s4.extra))):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
         assert abs(r1["test_accuracy"] - r4["test_accuracy"]) <= 0.01, (r1, r4)
+    # A global batch that 4 devices cannot split evenly fails before any training.
+    args = dict(configs.COMMON_ARGS, preset="smoke", model="cnn")
+    config = configs.build_config("baseline", args)
+    config.optim.batch_size = 66
+    training_set = pipelines.prepare_training_set(config)
+    method = pipelines.build_method(config, training_set)
+    try:
+        loop.train(config, sys.argv[1] + "/uneven", training_set=training_set, method=method)
+    except ValueError as err:
+        assert "optim.batch_size=66 must be divisible by the number of devices (4)" in str(err)
+    else:
+        raise AssertionError("batch 66 on 4 devices was accepted")
+    import os
+    assert not os.path.exists(sys.argv[1] + "/uneven/checkpoints")
     print("PARALLEL-OK")
 """)
 
@@ -43,7 +57,7 @@ def test_four_devices_match_one_device(tmp_path):
     assert "PARALLEL-OK" in proc.stdout
 
 
-def test_batch_not_divisible_by_devices_is_a_clear_error():
+def test_more_devices_than_exist_is_a_clear_error():
     from dsink_jax.train import parallel
     mesh = parallel.make_mesh(1)
     parallel.check_batch_size(7, mesh)  # one device: any batch works
