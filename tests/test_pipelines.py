@@ -30,6 +30,10 @@ def test_dsink_pipeline_writes_table_plots_and_stages(dsink_run):
     names = [row["name"] for row in summary["stages"]]
     assert names == ["baseline", "imbalance_teacher", "noise_teacher", "student"]
     on_disk = json.loads(open(os.path.join(workdir, "results.json")).read())
+    # The results say how they were made.
+    assert on_disk["config"]["dsink"]["alpha"] == 2.0 and on_disk["wall_seconds"] > 0
+    assert {"versions", "jax_backend", "device_kind", "device_count", "process_count",
+            "git_commit"} <= set(on_disk["provenance"])
     student = on_disk["stages"][-1]
     for key in ("test_accuracy", "many_shot_accuracy", "few_shot_accuracy", "correction_rate",
                 "allocation_accuracy", "allocation_correction"):

@@ -1,6 +1,6 @@
 """Synthetic and real label noise (pure numpy, seeded, deterministic).
 
-Kinds (METHOD.md section 3), applied to the clean labels of the (long-tailed) training set:
+Kinds (docs/method.md section 3), applied to the clean labels of the (long-tailed) training set:
 
 * ``none``: the labels unchanged (a copy).
 * ``sym`` (RoLT): exactly ``floor(rate * N)`` samples, chosen uniformly, get a different

@@ -19,12 +19,15 @@ from dsink_jax.losses.classification import (
     soft_cross_entropy,
     symmetric_cross_entropy,
 )
-from dsink_jax.losses.dsink import BASE_LOSSES, distillation_terms, dsink_loss, global_class_mass
+from dsink_jax.losses.dsink import (BASE_LOSSES, DistillationTerms, DSinkAux, distillation_terms,
+                                    dsink_loss, global_class_mass)
 from dsink_jax.losses.ot_softmax import ot_dynamic_softmax_logits, ot_dynamic_softmax_loss
 from dsink_jax.losses.supcon import supcon_loss
 
 __all__ = [
     "BASE_LOSSES",
+    "DSinkAux",
+    "DistillationTerms",
     "balanced_softmax_loss",
     "cross_entropy",
     "distillation_terms",

@@ -4,9 +4,9 @@ The classifier is cosine: ``logit_c = s * cos(w_c, z) + h_c``. The heights ``h``
 semi-discrete OT potential of :func:`dsink_jax.ot.semidiscrete.semidiscrete_potential` (solved for
 the current weights, so that the decision cells carry the target class masses), not parameters:
 the loss stops their gradient. What the paper states and what is our reconstruction is in
-``METHOD.md`` section 2; SupCon follows Khosla et al. (2020), "all" contrast mode.
+``docs/method.md`` section 2. SupCon, trained alongside, is in :mod:`dsink_jax.losses.supcon`.
 
-All losses are per example (unreduced); reduce at the call site.
+The loss is per example (unreduced); reduce at the call site.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def ot_dynamic_softmax_loss(features: jax.Array, class_weights: jax.Array, label
     """OT-dynamic softmax loss: cross-entropy on ``s * cos(w_c, z) + h_c``.
 
     The potential is solved, not learned (``jax.lax.stop_gradient``): gradients reach the features
-    and the class weights only. Pass ``h*(W; nu = class frequencies)`` for training (``METHOD.md``).
+    and the class weights only. Pass ``h*(W; nu = class frequencies)`` for training (``docs/method.md``).
 
     Args:
       features: [B, d] features ``z`` (normalised inside).

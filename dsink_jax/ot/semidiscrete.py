@@ -5,7 +5,7 @@ predicts ``argmax_c s<w_c, x> + h_c`` for a unit feature ``x``. Its decision cel
 ``L_c(h) = {x in S^{d-1} : s<w_c, x> + h_c >= s<w_j, x> + h_j for all j}`` form a power diagram
 of the sphere. Semi-discrete OT asks for the heights ``h`` such that each cell carries a target
 mass ``nu_c`` under a source measure ``mu`` on the sphere. (OT-dynamic softmax, Jin et al., JCST
-2025; see ``METHOD.md`` section 2 for which parts are stated there and which are ours.)
+2025; see ``docs/method.md`` section 2 for which parts are stated there and which are ours.)
 
 The heights minimise the convex (dual) energy
 

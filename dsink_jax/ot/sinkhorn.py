@@ -1,6 +1,6 @@
 """D-SINK surrogate-label allocation by entropic optimal transport (Sinkhorn).
 
-The D-SINK inner problem (METHOD.md section 1) is, for a batch of ``B`` samples
+The D-SINK inner problem (docs/method.md section 1) is, for a batch of ``B`` samples
 and ``C`` classes,
 
   min_Q  sum_ic Q_ic P_ic + epsilon * sum_ic Q_ic (log Q_ic - 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import ml_collections
@@ -32,6 +33,7 @@ def run(config, workdir: str) -> dict:
     Writes `workdir/results.json`, `workdir/results.md` and the stage's own outputs under
     `workdir/<loss>/`. Returns the summary dict.
     """
+    started = time.perf_counter()
     validate(config)
     check_workdir(workdir)
     training_set = prepare_training_set(config)
@@ -41,7 +43,7 @@ def run(config, workdir: str) -> dict:
                                       method=method, name=config.loss,
                                       identity=stage_identity(config, config.loss))
     rows = [stage_row(config.loss, config.loss, results)]
-    markdown = write_summary(workdir, rows, training_set)
+    markdown = write_summary(workdir, rows, training_set, config=config, started=started)
     print(markdown)
     return json.loads(json.dumps({"stages": rows}, default=str))
 

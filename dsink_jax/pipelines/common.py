@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Iterable
 
 import jax
@@ -19,7 +20,7 @@ from dsink_jax import models as models_lib
 from dsink_jax.train import loop, optim, parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
-from dsink_jax.train.workdir import ensure_writable_dir, write_json
+from dsink_jax.train.workdir import ensure_writable_dir, provenance, write_json
 from dsink_jax.train.objectives import LOSS_KIND, Objective, make_objective
 
 
@@ -119,8 +120,14 @@ def data_header(training_set: data_lib.TrainingSet) -> str:
 
 
 def write_summary(workdir: str, rows: list[dict], training_set: data_lib.TrainingSet,
-                  *, extra_columns: tuple = (), extra: dict | None = None) -> str:
-    """Writes `results.json` and `results.md` for a pipeline and returns the Markdown."""
+                  *, config, started: float, extra_columns: tuple = (),
+                  extra: dict | None = None) -> str:
+    """Writes `results.json` and `results.md` for a pipeline and returns the Markdown.
+
+    `results.json` says how the results were made: the full config, the provenance (package
+    versions, JAX backend, devices, processes, git commit) and the wall time since `started`
+    (a `time.perf_counter()` reading at the pipeline's start; reused stages take ~0).
+    """
     table = results_table(rows, extra_columns=extra_columns)
     markdown = (f"# Results\n\n{data_header(training_set)}\n\n"
                 "Accuracies in % on the clean test set; many > 100, few < 20 training images; "
@@ -129,14 +136,17 @@ def write_summary(workdir: str, rows: list[dict], training_set: data_lib.Trainin
     if parallel.is_writer():
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(markdown)
-    summary = {"data": training_set.summary(), "stages": rows, **(extra or {})}
+    summary = {"data": training_set.summary(), "stages": rows, **(extra or {}),
+               "wall_seconds": time.perf_counter() - started, "provenance": provenance(),
+               "config": config.to_dict()}
     write_json(os.path.join(workdir, "results.json"), summary)
     return markdown
 
 
 def stage_row(name: str, loss: str, results: dict) -> dict:
     keep = ("test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy",
-            "correction_rate", "images_per_sec", "params_fingerprint", "per_class_accuracy")
+            "correction_rate", "images_per_sec", "params_fingerprint", "per_class_accuracy",
+            "wall_seconds")
     return {"name": name, "loss": loss, "robust_to": LOSS_KIND.get(loss, "-"),
             **{k: results.get(k) for k in keep}}
 

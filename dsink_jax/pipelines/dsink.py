@@ -31,7 +31,7 @@ from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir
                                         write_summary)
 from dsink_jax.train import loop, parallel
 from dsink_jax.train import step as step_lib
-from dsink_jax.train.workdir import WorkdirLock, write_json
+from dsink_jax.train.workdir import WorkdirLock, provenance, write_json
 from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
                                         CLASS_MASS_PRIORS, LOSS_HEADS, LOSS_NAMES,
                                         class_mass_shift, dataset_allocation_refresh,
@@ -56,7 +56,7 @@ ARGS: dict[str, Any] = {
 
 
 def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
-    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (see METHOD.md §1).
+    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (see docs/method.md §1).
 
     `config.loss` is the baseline stage's loss; `config.dsink` holds the student's options. The
     paper states epsilon = 2 and the bi-level scheme; the fields marked (ours) are
@@ -269,7 +269,7 @@ def posthoc_evaluations(config, training_set, method, state, priors: dict) -> di
 
 
 def run(config, workdir: str) -> dict:
-    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (METHOD.md §1).
+    """The `dsink` family: CE baseline, f_L, f_N, then the D-SINK student (docs/method.md §1).
 
     Each stage trains in its own directory of `workdir` (teachers under their loss's name, the
     student under `dsink.stage_name`) with its own checkpoints and `results.json`; a finished
@@ -277,6 +277,7 @@ def run(config, workdir: str) -> dict:
     student's step as arguments, never checkpointed with it. Writes `workdir/results.json`,
     `workdir/results.md` and `workdir/plots/*.png`; returns the summary.
     """
+    started = time.perf_counter()
     validate(config)
     check_workdir(workdir)
     training_set = prepare_training_set(config)
@@ -315,10 +316,10 @@ def run(config, workdir: str) -> dict:
                                      os.path.join(plot_dir, "per_class_accuracy.png"))
     plots.correction_over_epochs(curves, os.path.join(plot_dir, "correction_rate.png"))
     markdown = write_summary(
-        workdir, rows, training_set,
+        workdir, rows, training_set, config=config, started=started,
         extra_columns=(("allocation_accuracy", "alloc. acc."),
                        ("allocation_correction", "alloc. corrected")),
-        extra={"dsink": d.to_dict(), "allocation_accuracy_curve": {"epochs": epochs,
+        extra={"allocation_accuracy_curve": {"epochs": epochs,
                                                                  "values": values}})
     print(markdown)
     return {"stages": rows}
@@ -462,6 +463,7 @@ def _run_sweep(config, workdir, members, members_mode):
         with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
             f.write(markdown)
     write_json(os.path.join(sweep_dir, "summary.json"),
-                    {"members": rows, "teachers": teachers["rows"], "seconds": seconds})
+               {"members": rows, "teachers": teachers["rows"], "wall_seconds": seconds,
+                "provenance": provenance(), "config": config.to_dict()})
     print(markdown)
     return {"members": rows}

@@ -6,6 +6,7 @@ Every field of `config.ot_softmax` is our reconstruction (docs/method.md section
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import ml_collections
@@ -32,7 +33,7 @@ ARGS: dict[str, Any] = {
 def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
     """The `ot_softmax` family: CE, LA and Balanced Softmax references, then OT-dynamic softmax.
 
-    Every field of `config.ot_softmax` is our reconstruction (METHOD.md §2): the paper states the
+    Every field of `config.ot_softmax` is our reconstruction (docs/method.md §2): the paper states the
     power-diagram view, the dynamic OT softmax and SupCon, not these values.
     """
     c = configs_lib.build_config("ot_softmax", {k: args[k] for k in configs_lib.COMMON_ARGS})
@@ -80,11 +81,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def run(config, workdir: str) -> dict:
     """The `ot_softmax` family: reference losses (CE, LA, Balanced Softmax), then the
-    OT-dynamic softmax model with SupCon (METHOD.md §2), all on the same data.
+    OT-dynamic softmax model with SupCon (docs/method.md §2), all on the same data.
 
     Writes `workdir/results.json`, `workdir/results.md`, `workdir/plots/per_class_accuracy.png`
     and one directory per stage.
     """
+    started = time.perf_counter()
     validate(config)
     check_workdir(workdir)
     training_set = prepare_training_set(config)
@@ -108,6 +110,6 @@ def run(config, workdir: str) -> dict:
     os.makedirs(plot_dir, exist_ok=True)
     plots.per_class_accuracy_vs_size(rows, training_set.class_counts,
                                      os.path.join(plot_dir, "per_class_accuracy.png"))
-    markdown = write_summary(workdir, rows, training_set, extra={"ot_softmax": o.to_dict()})
+    markdown = write_summary(workdir, rows, training_set, config=config, started=started)
     print(markdown)
     return {"stages": rows}

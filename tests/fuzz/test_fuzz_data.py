@@ -116,7 +116,7 @@ def test_long_tail_rejects_non_numeric_ratio(value):
 
 # ----------------------------------------------------------------------------- noise
 
-# CIFAR-10 pairs of METHOD.md section 3: truck->automobile, bird->airplane, deer->horse, cat<->dog.
+# CIFAR-10 pairs of docs/method.md section 3: truck->automobile, bird->airplane, deer->horse, cat<->dog.
 CIFAR10_PAIRS = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
 

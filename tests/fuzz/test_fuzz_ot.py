@@ -98,7 +98,7 @@ def test_sinkhorn_marginals_and_finiteness(shape, amplitude, data):
     assert np.all(np.isneginf(np.asarray(info.potential)[mass == 0]))
     if amplitude <= 10.0:
         assert info.column_error < 1e-3
-        # Closed form (METHOD.md): q_i = softmax(scores_i + g) with the reported potential g.
+        # Closed form (docs/method.md): q_i = softmax(scores_i + g) with the reported potential g.
         closed = scipy.special.softmax(scores + np.asarray(info.potential, np.float64), axis=1)
         np.testing.assert_allclose(q, closed, atol=1e-4)
 

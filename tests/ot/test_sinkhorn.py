@@ -107,7 +107,7 @@ def test_one_iteration_by_hand():
 
 @pytest.mark.parametrize("epsilon", [0.5, 2.0, 5.0])
 def test_closed_form_softmax_with_class_potential(epsilon):
-    # METHOD.md: q_i = softmax((z^N_i + z_i) / epsilon + g); at epsilon = 2 it is
+    # docs/method.md: q_i = softmax((z^N_i + z_i) / epsilon + g); at epsilon = 2 it is
     # softmax(z^N/2 + z/2 + g), the class-shifted geometric mean.
     noise, student, mass = _problem(3)
     info = sinkhorn_allocation(noise, student, mass, epsilon=epsilon,
