@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/potential.py                      # C = 100, d = 64, the default grid
     python benchmarks/potential.py --num-samples 1024,4096 --steps 1,10 --repeats 20
+    python benchmarks/potential.py --num-samples 1024 --steps 5 --backends native,ott  # ott-jax
 
 Times over ``--repeats`` calls after a compiling warm-up (``block_until_ready``), the minimum
 (the cost without interference: use it on a shared machine) and the median:
@@ -106,7 +107,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int_list, default=[1, 5, 10])
     parser.add_argument("--scale", type=float, default=16.0)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--backends", default="native",
+                        help="comma list of solver backends to time side by side: native,ott")
     args = parser.parse_args(argv)
+    args.backends = [b for b in args.backends.split(",") if b]
+    if not args.backends or set(args.backends) - {"native", "ott"}:
+        parser.error(f"--backends must list native and/or ott, got {args.backends}")
     if min(args.num_classes, args.dim, args.batch_size, args.repeats) < 1 or args.scale <= 0:
         parser.error("--num-classes, --dim, --batch-size, --repeats must be >= 1 and --scale > 0")
 
@@ -136,11 +142,15 @@ def main(argv=None) -> None:
     row("conv step", conv_ms)
     for num_samples in args.num_samples:
         for num_steps in args.steps:
-            solve = jax.jit(lambda h, rng, n=num_samples, k=num_steps: semidiscrete_potential(
-                weights, nu, scale=args.scale, rng=rng, num_samples=n, num_steps=k,
-                learning_rate=0.03, init=h).potential)
-            row(f"solve {num_samples} x {num_steps}",
-                time_ms(solve, h_star, jax.random.key(1), repeats=args.repeats))
+            for backend in args.backends:
+                solve = jax.jit(lambda h, rng, n=num_samples, k=num_steps, b=backend:
+                                semidiscrete_potential(
+                                    weights, nu, scale=args.scale, rng=rng, num_samples=n,
+                                    num_steps=k, learning_rate=0.03, init=h,
+                                    backend=b).potential)
+                name = f"solve {num_samples} x {num_steps}"
+                row(name if len(args.backends) == 1 else f"{name} {backend}",
+                    time_ms(solve, h_star, jax.random.key(1), repeats=args.repeats))
 
 
 if __name__ == "__main__":

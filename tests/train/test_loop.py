@@ -189,3 +189,29 @@ def test_a_warm_start_begins_from_the_given_variables(tmp_path, digits_set):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-20)
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(cold.params),
                                                      jax.tree.leaves(donor.params)))
+
+
+def test_the_loop_trains_an_ot_softmax_sweep_whose_member_equals_the_single_run(tmp_path):
+    # OT-softmax is an ordinary objective: the same loop, sweep path and step run it.
+    from dsink_jax.train.objectives import make_ot_softmax_objective
+
+    config = pipelines.ot_softmax.build_config(dict(pipelines.ot_softmax.ARGS, preset="smoke"))
+    config.progress = False
+    config.optim.epochs = 1
+    training_set = pipelines.prepare_training_set(config)
+    objective = make_ot_softmax_objective(config.ot_softmax,
+                                          class_counts=training_set.noisy_class_counts)
+    method = pipelines.build_method(config, training_set, objective=objective)
+    single, _ = loop.train(config, str(tmp_path / "single"), training_set=training_set,
+                           method=method)
+    states = [step_lib.init_state(method, jax.random.PRNGKey(seed), training_set.x_train[:1])
+              for seed in (config.seed, config.seed + 1)]
+    stacked = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *states)
+    members, _ = loop.train(config, str(tmp_path / "sweep"), training_set=training_set,
+                            method=method, members=loop.Members(("seed0", "seed1"), stacked))
+    assert members[0]["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+    assert members[0]["per_class_accuracy"] == pytest.approx(single["per_class_accuracy"],
+                                                             abs=1e-9)
+    assert members[1]["params_fingerprint"] != members[0]["params_fingerprint"]
+    for name in ("seed0", "seed1"):
+        assert (tmp_path / "sweep" / name / "results.json").exists()
