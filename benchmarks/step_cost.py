@@ -50,7 +50,8 @@ from dsink_jax import configs, pipelines  # noqa: E402
 from dsink_jax import data as data_lib  # noqa: E402
 from dsink_jax.ot.sinkhorn import sinkhorn_allocation  # noqa: E402
 from dsink_jax.train import step as step_lib  # noqa: E402
-from dsink_jax.train.objectives import make_dsink_objective  # noqa: E402
+from dsink_jax.train.objectives import (dataset_allocation_refresh,  # noqa: E402
+                                        make_dsink_objective)
 
 STEP_MODELS = ("resnet8", "resnet20", "resnet32")
 ALLOCATION_CALLS_PER_STEP = 10  # the allocation is ~ms: more calls per repeat for resolution
@@ -95,8 +96,11 @@ def fixed_batch(training_set, batch_size: int, seed: int = 0) -> dict[str, np.nd
             "labels": training_set.noisy_labels[idx].astype(np.int32), "indices": idx}
 
 
-def build_dsink_methods(config, training_set, rng):
+def build_dsink_methods(config, training_set, rng, class_mass=None):
     """The CE baseline method, the D-SINK student method and the teachers' variables.
+
+    `config.dsink.allocation` picks the student's allocation mode; "online" and "dataset" need
+    the training-set `class_mass` and take only f_N, or no teacher, per step.
 
     Assembled as `dsink_jax.pipelines.dsink.train_teachers` and `run_dsink` assemble them (same
     config fields, same builders), except that the teachers are freshly initialised instead of
@@ -116,7 +120,9 @@ def build_dsink_methods(config, training_set, rng):
     objective = make_dsink_objective(
         d, clean_labels=training_set.clean_labels,
         steps_per_epoch=training_set.x_train.shape[0] // config.optim.batch_size,
-        class_counts=training_set.noisy_class_counts)
+        class_counts=training_set.noisy_class_counts, class_mass=class_mass)
+    keep = {"batch": 2, "online": 1, "dataset": 0}[d.allocation]  # (f_N, f_L), (f_N,), ()
+    models, variables = models[:keep], variables[:keep]
     dsink_method = pipelines.build_method(config, training_set, objective=objective,
                                           teacher_models=tuple(models))
     return ce_method, dsink_method, tuple(variables)
@@ -217,6 +223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-num-classes", default="100",
                         help="comma list of further class counts timed the same way; '' = none")
     parser.add_argument("--num-iters", type=int, default=50, help="Sinkhorn iterations")
+    parser.add_argument("--refresh-images", type=int, default=12406,
+                        help="training images of the dataset-level solve (CIFAR-10-LT r100)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (medians over them)")
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per repeat")
     parser.add_argument("--seed", type=int, default=0)
@@ -236,8 +244,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_runners(args: argparse.Namespace, num_classes: int) -> dict[str, Callable[[int], None]]:
-    """The four variants at one class count, compiled (one untimed call each)."""
+def build_runners(args: argparse.Namespace, num_classes: int
+                  ) -> tuple[dict[str, Callable[[int], None]], dict[str, int]]:
+    """The variants at one class count, compiled (one untimed call each), and the divisor
+    that turns a call of each amortised variant into a per-step cost."""
     config = pipelines.dsink.build_config({**pipelines.dsink.ARGS, "dataset": "cifar10",
                                          "model": args.model, "preset": "cpu",
                                          "num_iters": args.num_iters, "seed": args.seed})
@@ -255,12 +265,38 @@ def build_runners(args: argparse.Namespace, num_classes: int) -> dict[str, Calla
     ce_step = jax.jit(functools.partial(step_lib.train_step, method=ce_method), donate_argnums=0)
     dsink_step = jax.jit(functools.partial(step_lib.train_step, method=dsink_method),
                          donate_argnums=0)
+    # The dataset-level allocations (docs/method.md): "online" runs f_N only, "dataset" no
+    # teacher per step but a solve over the training set between epochs ("refresh / step").
+    mass = np.full(num_classes, 1.0 / num_classes, np.float32)
+    modes = {}
+    for mode in ("online", "dataset"):
+        with config.dsink.unlocked():
+            config.dsink.allocation = mode
+        _, method, variables = build_dsink_methods(config, training_set,
+                                                   jax.random.fold_in(rng, 1), class_mass=mass)
+        modes[mode] = (method, variables)
+    with config.dsink.unlocked():
+        config.dsink.allocation = "batch"
+    refresh_images = np.random.default_rng(args.seed).integers(
+        0, 256, (args.refresh_images,) + training_set.x_train.shape[1:], dtype=np.uint8)
+    dataset_method = modes["dataset"][0]
+    refresh = dataset_allocation_refresh(
+        d, noise_teacher_logits=np.zeros((args.refresh_images, num_classes), np.float32),
+        class_mass=mass, train_images=refresh_images, every_epochs=1)
+    predict = jax.jit(functools.partial(step_lib.test_logits, method=dataset_method))
+    dataset_state = step_lib.init_state(dataset_method, rng, sample)
+
+    def run_refresh(n: int) -> None:
+        for _ in range(n):
+            refresh(dataset_state, 0, lambda s, x: step_lib.batched_predict(predict, s, x, 512))
+    steps_per_epoch = max(args.refresh_images // args.batch_size, 1)
     teachers_fwd = jax.jit(functools.partial(step_lib.prepare_batch, method=dsink_method))
     keys = jax.random.split(jax.random.fold_in(rng, 99), 3)
     noise_lp = jax.nn.log_softmax(3.0 * jax.random.normal(keys[0], (args.batch_size, num_classes)))
     student_lp = jax.nn.log_softmax(3.0 * jax.random.normal(keys[1],
                                                             (args.batch_size, num_classes)))
-    mass = jnp.mean(jax.nn.softmax(jax.random.normal(keys[2], (args.batch_size, num_classes))), 0)
+    batch_mass = jnp.mean(jax.nn.softmax(jax.random.normal(keys[2], (args.batch_size,
+                                                                    num_classes))), 0)
     allocation = jax.jit(lambda n, s, m: sinkhorn_allocation(
         n, s, m, epsilon=d.epsilon, num_iters=d.num_iters, backend=d.backend).allocation)
 
@@ -270,14 +306,22 @@ def build_runners(args: argparse.Namespace, num_classes: int) -> dict[str, Calla
                               teacher_variables),
         "teachers fwd": caller(teachers_fwd, rng, jnp.asarray(1, jnp.int32), batch,
                                teacher_variables),
-        "allocation": caller(allocation, noise_lp, student_lp, mass),
+        "allocation": caller(allocation, noise_lp, student_lp, batch_mass),
+        "online step": stepper(jax.jit(functools.partial(
+            step_lib.train_step, method=modes["online"][0]), donate_argnums=0),
+            step_lib.init_state(modes["online"][0], rng, sample), batch, modes["online"][1]),
+        "dataset step": stepper(jax.jit(functools.partial(
+            step_lib.train_step, method=dataset_method), donate_argnums=0),
+            step_lib.init_state(dataset_method, rng, sample), batch, ()),
+        "refresh / step": run_refresh,
     }
     for name, run in runners.items():
         start = time.perf_counter()
         run(1)  # compiles
         print(f"C={num_classes} {name}: compiled in {time.perf_counter() - start:.1f} s",
               flush=True)
-    return runners
+    # One refresh serves an epoch: its time per call is divided by the epoch's steps.
+    return runners, {"refresh / step": steps_per_epoch}
 
 
 def summarise(seconds: dict[str, list[float]], num_classes: int) -> list[dict[str, Any]]:
@@ -293,10 +337,10 @@ def summarise(seconds: dict[str, list[float]], num_classes: int) -> list[dict[st
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'C':>4} {'variant':<13} {'median ms':>10} {'min-max ms':>15} {'/ ce step':>10} "
+    lines = [f"{'C':>4} {'variant':<15} {'median ms':>10} {'min-max ms':>15} {'/ ce step':>10} "
              f"{'/ dsink step':>13}"]
     for r in rows:
-        lines.append(f"{r['num_classes']:>4} {r['variant']:<13} {r['median_ms']:>10.2f} "
+        lines.append(f"{r['num_classes']:>4} {r['variant']:<15} {r['median_ms']:>10.2f} "
                      f"{r['min_ms']:>7.2f}-{r['max_ms']:<7.2f} {r['vs_ce_step']:>9.3f}x "
                      f"{100 * r['vs_dsink_step']:>12.2f}%")
     return "\n".join(lines)
@@ -306,12 +350,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     runners: dict[str, Callable[[int], None]] = {}
     calls: dict[str, int] = {}
+    divisors: dict[str, int] = {}
     for c in args.class_counts:
-        for name, run in build_runners(args, c).items():
+        built, per_step = build_runners(args, c)
+        for name, run in built.items():
             key = f"C={c} {name}"
             runners[key] = run
             calls[key] = args.steps * (ALLOCATION_CALLS_PER_STEP if name == "allocation" else 1)
+            if name in per_step:
+                calls[key], divisors[key] = 1, per_step[name]
     seconds = time_interleaved(runners, calls, repeats=args.repeats)
+    seconds = {k: [v / divisors.get(k, 1) for v in values] for k, values in seconds.items()}
     rows, verdicts = [], []
     for c in args.class_counts:
         prefix = f"C={c} "
