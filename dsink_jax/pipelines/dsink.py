@@ -35,7 +35,7 @@ from dsink_jax.train.workdir import WorkdirLock, provenance, write_json
 from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
                                         CLASS_MASS_PRIORS, LOSS_HEADS, LOSS_NAMES,
                                         class_mass_shift, dataset_allocation_refresh,
-                                        make_dsink_objective)
+                                        logit_scale, make_dsink_objective)
 
 INIT_FROM = ("scratch", "imbalance_teacher")
 INFERENCE_MODES = ("raw", "label_prior", "class_mass")
@@ -172,8 +172,8 @@ def train_teachers(config, workdir: str, training_set) -> dict:
        variables whose logits the student's step needs (per `dsink.allocation`),
        "refresh_extra": the loop hook of the "dataset" allocation (else None), "class_mass":
        the training-set class mass of f_L (None in the "batch" mode with `class_mass=batch`),
-       "priors": the post-hoc priors (see `inference_priors`), "stage_variables": {role: (model, variables)}, "fingerprints": the teachers' parameter
-       hashes}.
+       "priors": the post-hoc priors (see `inference_priors`), "stage_variables": {role:
+       (model, variables, logit scale)}, "fingerprints": the teachers' parameter hashes}.
     """
     d = config.dsink
     rows, curves, stages = [], {}, {}
@@ -189,41 +189,44 @@ def train_teachers(config, workdir: str, training_set) -> dict:
         rows.append(stage_row(role, loss, results))
         curves[role] = plots.read_metric_curve(os.path.join(stage_dir, "metrics.jsonl"),
                                                "correction_rate")
-        stages[role] = (method.model, state.variables)
+        stages[role] = (method.model, state.variables, logit_scale(loss, config.loss_options))
 
-    noise_model, noise_vars = stages["noise_teacher"]
-    imbalance_model, imbalance_vars = stages["imbalance_teacher"]
+    noise_model, noise_vars, noise_scale = stages["noise_teacher"]
+    imbalance_model, imbalance_vars, imbalance_scale = stages["imbalance_teacher"]
     steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
     augment = augment_for(config, training_set)
 
-    def train_logits(model, variables):  # eval mode, unaugmented training images
+    def train_logits(model, variables, scale):  # eval mode, unaugmented training images
         predict = jax.jit(lambda v, x: step_lib.predict_logits(v, x, model=model,
                                                                augment=augment))
-        return step_lib.batched_predict(predict, variables, training_set.x_train,
-                                        config.eval_batch_size)
+        return scale * step_lib.batched_predict(predict, variables, training_set.x_train,
+                                                config.eval_batch_size)
 
     class_mass = None
     if d.class_mass == "global" or d.allocation != "batch":
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
         class_mass = np.asarray(global_class_mass(
-            train_logits(imbalance_model, imbalance_vars) + shift))
+            train_logits(imbalance_model, imbalance_vars, imbalance_scale) + shift))
     priors = inference_priors(training_set, class_mass)
+    by_role = {"noise": stages["noise_teacher"], "imbalance": stages["imbalance_teacher"]}
+    needed_roles = ALLOCATION_TEACHERS[d.allocation]
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=steps_per_epoch, class_mass=class_mass,
                                      class_counts=training_set.noisy_class_counts,
                                      la_tau=config.loss_options.la_tau,
-                                     test_prior=priors[d.inference])
-    by_role = {"noise": (noise_model, noise_vars), "imbalance": (imbalance_model, imbalance_vars)}
-    needed = [by_role[r] for r in ALLOCATION_TEACHERS[d.allocation]]
+                                     test_prior=priors[d.inference],
+                                     teacher_scales=tuple(by_role[r][2] for r in needed_roles))
+    needed = [by_role[r] for r in needed_roles]
     refresh = None
     if d.allocation == "dataset":
         refresh = dataset_allocation_refresh(
-            d, noise_teacher_logits=train_logits(noise_model, noise_vars), class_mass=class_mass,
+            d, noise_teacher_logits=train_logits(noise_model, noise_vars, noise_scale),
+            class_mass=class_mass,
             class_counts=training_set.noisy_class_counts, train_images=training_set.x_train,
             every_epochs=int(d.refresh_every_epochs))
     return {"rows": rows, "curves": curves, "objective": objective,
-            "teacher_models": tuple(m for m, _ in needed),
-            "teacher_variables": tuple(v for _, v in needed),
+            "teacher_models": tuple(m for m, _, _ in needed),
+            "teacher_variables": tuple(v for _, v, _ in needed),
             "refresh_extra": refresh, "class_mass": class_mass, "priors": priors,
             "stage_variables": stages,
             "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)

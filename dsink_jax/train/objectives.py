@@ -38,6 +38,15 @@ LOSS_KIND = {
 LOSS_HEADS = {name: "cosine" if name == "ldam_drw" else "linear" for name in LOSS_NAMES}
 
 
+def logit_scale(loss: str, options: Any) -> float:
+    """The factor that makes a trained model's logits its loss's logits.
+
+    LDAM's model outputs cosines in [-1, 1] and its loss scales them by `ldam_scale` (30):
+    its probabilities, e.g. as a D-SINK teacher's, are softmax(30 cos). 1 for every other loss.
+    """
+    return float(options.ldam_scale) if loss == "ldam_drw" else 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """A bound objective: what the one train step needs to know about a method.
@@ -190,7 +199,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
                          class_mass: np.ndarray | None = None,
                          class_counts: np.ndarray | None = None,
                          la_tau: float = 1.0,
-                         test_prior: np.ndarray | None = None) -> Objective:
+                         test_prior: np.ndarray | None = None,
+                         teacher_scales: tuple[float, ...] = ()) -> Objective:
     """The D-SINK student objective: base loss + alpha * soft CE to the allocation Q.
 
     The teachers' logits arrive as `teacher_logits`, in the order of
@@ -213,6 +223,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
       la_tau: temperature of the "la" base loss.
       test_prior: [C] an estimated class prior divided out of the test logits (post-hoc
         correction, `logits - log prior`), or None for the raw logits.
+      teacher_scales: one factor per teacher of `teacher_logits` (see :func:`logit_scale`);
+        default 1.
     """
     allocation = str(options.allocation)
     if allocation not in ALLOCATIONS:
@@ -240,6 +252,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     def fn(logits, labels, *, indices, extra, step, teacher_logits, **unused):
         del unused
         logits = logits + shift
+        teacher_logits = tuple(t * s for t, s in zip(
+            teacher_logits, tuple(teacher_scales) + (1.0,) * len(teacher_logits)))
         hp = extra.get("hparams", {})
         alpha = hp.get("alpha", float(options.alpha))
         epsilon = hp.get("epsilon", float(options.epsilon))

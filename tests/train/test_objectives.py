@@ -255,3 +255,19 @@ def test_ot_softmax_objective_in_the_one_step_equals_a_hand_written_step():
     np.testing.assert_allclose(logits, losses.ot_dynamic_softmax_logits(
         features, classifier_weights(ours.params), ours.extra["balanced_potential"],
         scale=o.scale), rtol=1e-6)
+
+
+def test_teacher_logits_are_scaled_to_their_losses_logits():
+    # LDAM's model gives cosines; as a teacher its probabilities are softmax(30 cos).
+    logits, noise, imbalance, labels, indices = batch(8)
+    cosines = jnp.tanh(imbalance / 4)
+    objective = objectives.make_dsink_objective(
+        options(), clean_labels=CLEAN, steps_per_epoch=10, class_counts=COUNTS,
+        teacher_scales=(1.0, 30.0))
+    per_example, _, _ = objective(logits, labels, indices=indices, extra={}, step=0,
+                                  teacher_logits=(noise, cosines))
+    _, aux = dsink_loss(logits, noise, 30.0 * cosines, labels, alpha=2.0, num_iters=200)
+    np.testing.assert_allclose(per_example, aux.per_example, rtol=1e-5)
+    config = ml_collections.ConfigDict({"ldam_scale": 30.0})
+    assert objectives.logit_scale("ldam_drw", config) == 30.0
+    assert objectives.logit_scale("la", config) == 1.0
