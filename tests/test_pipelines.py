@@ -148,18 +148,17 @@ def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
         assert os.listdir(os.path.join(member_dir, "tensorboard"))
 
 
-def test_a_diverged_member_is_reported_and_the_others_go_on(dsink_run, tmp_path):
-    workdir, summary = dsink_run
+def test_a_diverged_member_is_reported_and_the_others_go_on(dsink_run):
+    workdir, _ = dsink_run
     config = dsink_smoke_config()
-    config.optim.epochs = 1
     grid = {"learning_rate": [config.optim.learning_rate, 1e30]}
-    result = pipelines.dsink.run_sweep(config, str(tmp_path), grid)
+    result = pipelines.dsink.run_sweep(config, workdir, grid)
     rows = {r["learning_rate"]: r for r in result["members"]}
     bad, good = rows[1e30], rows[config.optim.learning_rate]
     assert bad["diverged_at_step"] is not None and good["diverged_at_step"] is None
     assert result["members"][-1] is bad  # ranked last
     assert np.isfinite(good["test_accuracy"]) and good["test_accuracy"] > 0.1
-    table = open(tmp_path / "sweep" / "summary.md").read()
+    table = open(os.path.join(workdir, "sweep", "summary.md")).read()
     assert f"(diverged at step {bad['diverged_at_step']})" in table
 
 
@@ -242,3 +241,14 @@ def test_a_changed_config_never_resumes_an_old_stage(tmp_path, capsys):
     assert "holds a stage of another configuration: retraining" in capsys.readouterr().out
     stage = json.loads(open(os.path.join(tmp_path, "ce", "results.json")).read())
     assert stage["config"]["optim"]["learning_rate"] == 0.01
+
+
+def test_a_stage_dir_of_another_identity_is_cleared_before_reuse(tmp_path, capsys):
+    stage = str(tmp_path / "sweep")
+    assert not pipelines.common.claim_stage_dir(stage, {"members": [1, 2]}, "sweep")
+    open(os.path.join(stage, "checkpoint"), "w").close()
+    assert pipelines.common.claim_stage_dir(stage, {"members": [1, 2]}, "sweep")
+    assert os.path.exists(os.path.join(stage, "checkpoint"))  # same identity: kept
+    assert not pipelines.common.claim_stage_dir(stage, {"members": [1, 3]}, "sweep")
+    assert not os.path.exists(os.path.join(stage, "checkpoint"))  # another grid: cleared
+    assert "holds a stage of another configuration" in capsys.readouterr().out

@@ -168,19 +168,9 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
     its checkpoints. A stage of another identity (a changed config) is removed and retrained,
     so a resume never continues someone else's run.
     """
-    identity = json.loads(json.dumps(identity))  # as it reads back from JSON
-    identity_path = os.path.join(stage_dir, "identity.json")
     results_path = os.path.join(stage_dir, "results.json")
-    if os.path.exists(stage_dir):
-        previous_identity = None
-        if os.path.exists(identity_path):
-            with open(identity_path) as f:
-                previous_identity = json.load(f)
-        if previous_identity != identity:
-            print(f"[{name}] {stage_dir} holds a stage of another configuration: retraining")
-            if parallel.is_writer():
-                shutil.rmtree(stage_dir)
-        elif os.path.exists(results_path):
+    if claim_stage_dir(stage_dir, identity, name):
+        if os.path.exists(results_path):
             template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
                                            training_set.x_train[:1])
             restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
@@ -189,12 +179,37 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
                 print(f"[{name}] reusing the finished stage in {stage_dir}")
                 with open(results_path) as f:
                     return json.load(f), restored[0]
-    ensure_writable_dir(stage_dir)
-    write_json(identity_path, identity)
     results, state = loop.train(config, stage_dir, training_set=training_set, method=method,
                                 name=name, **train_kwargs)
-    results["identity"] = identity
+    results["identity"] = json.loads(json.dumps(identity))
     write_json(results_path, results)
     return results, state
+
+
+def claim_stage_dir(stage_dir: str, identity: dict, name: str) -> bool:
+    """Makes `stage_dir` a directory of the stage `identity` (recorded in `identity.json`).
+
+    A directory that holds another identity (a changed config, another sweep grid) is removed,
+    so that a resume never continues someone else's run.
+
+    Returns:
+      Whether the directory already held this identity (its checkpoints may be resumed).
+    """
+    identity = json.loads(json.dumps(identity))  # as it reads back from JSON
+    identity_path = os.path.join(stage_dir, "identity.json")
+    same = False
+    if os.path.exists(stage_dir):
+        previous = None
+        if os.path.exists(identity_path):
+            with open(identity_path) as f:
+                previous = json.load(f)
+        same = previous == identity
+        if not same:
+            print(f"[{name}] {stage_dir} holds a stage of another configuration: retraining")
+            if parallel.is_writer():
+                shutil.rmtree(stage_dir)
+    ensure_writable_dir(stage_dir)
+    write_json(identity_path, identity)
+    return same
 
 

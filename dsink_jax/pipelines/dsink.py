@@ -25,7 +25,8 @@ from dsink_jax.configs import require
 from dsink_jax.losses.dsink import BASE_LOSSES, global_class_mass
 from dsink_jax.ot.backends import BACKENDS
 from dsink_jax.ot.sinkhorn import MIN_EPSILON
-from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir, data_header,
+from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir,
+                                        claim_stage_dir, data_header,
                                         format_percent, prepare_training_set, results_table,
                                         stage_identity, stage_row, train_or_reuse_stage,
                                         write_summary)
@@ -433,6 +434,9 @@ def _run_sweep(config, workdir, members, members_mode):
     method = build_method(config, training_set, objective=teachers["objective"],
                           teacher_models=teachers["teacher_models"])
     sweep_dir = os.path.join(workdir, "sweep")
+    claim_stage_dir(sweep_dir, {**stage_identity(config, "dsink"), "dsink": config.dsink.to_dict(),
+                                "teachers": teachers["fingerprints"], "members": members,
+                                "mode": members_mode}, "sweep")
     start = time.perf_counter()
     results, _ = loop.train(
         config, sweep_dir, training_set=training_set, method=method,
