@@ -18,10 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsink_jax.models.projection import ProjectionNet, classifier_weights
-from dsink_jax.models.resnet import CifarResNet, PreActResNet18, option_a_shortcut
+from dsink_jax.models.resnet import (CifarResNet, ImageNetResNet, PreActResNet18,
+                                     option_a_shortcut)
 from dsink_jax.models.small import HEADS, MLP, CosineClassifier, SmallCNN, check_head, scaled_width
 
-MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "preact_resnet18")
+MODEL_NAMES = ("mlp", "cnn", "resnet8", "resnet20", "resnet32", "preact_resnet18", "resnet50",
+               "resnext50_32x4d", "resnet50_tiny", "resnext50_tiny")
+# ImageNet-scale bottleneck ResNets: (stage sizes, width multiplier, groups, width per group);
+# the tiny variants (one block a stage, 1/8 width) are for tests and the smoke preset.
+_IMAGENET_RESNETS = {"resnet50": ((3, 4, 6, 3), 1.0, 1, 64),
+                     "resnext50_32x4d": ((3, 4, 6, 3), 1.0, 32, 4),
+                     "resnet50_tiny": ((1, 1, 1, 1), 0.125, 1, 64),
+                     "resnext50_tiny": ((1, 1, 1, 1), 0.125, 4, 16)}
 # Compute dtypes by config name (parameters stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -32,6 +40,7 @@ __all__ = [
     "CifarResNet",
     "CosineClassifier",
     "DTYPES",
+    "ImageNetResNet",
     "HEADS",
     "MLP",
     "MODEL_NAMES",
@@ -59,7 +68,10 @@ def get_model(
         name: one of `MODEL_NAMES`: "mlp" (hidden layers (256, 128) x width, flattens the input),
             "cnn" (3 conv-BN-ReLU blocks, (32, 64, 64) x width channels), "resnet8" / "resnet20" /
             "resnet32" (He et al. CIFAR ResNet, option-A shortcuts, 16/32/64 x width channels),
-            "preact_resnet18" (DivideMix's PreAct ResNet-18, 64..512 x width channels).
+            "preact_resnet18" (DivideMix's PreAct ResNet-18, 64..512 x width channels),
+            "resnet50" / "resnext50_32x4d" (ImageNet-scale bottleneck ResNets, 7x7 stem; the
+            ImageNet-LT / iNaturalist models) and their tiny test variants "resnet50_tiny" /
+            "resnext50_tiny" (one block a stage at 1/8 width).
         num_classes: C >= 1 (also required with head "none", for a uniform signature).
         width: channel (hidden-size) multiplier > 0; channels are rounded, at least 1.
         head: "linear" (Dense, params["head"]["kernel"] [D, C] and "bias" [C]), "cosine"
@@ -98,6 +110,10 @@ def get_model(
         return SmallCNN(num_classes, channels=channels, head=head, dtype=dtype)
     if name == "preact_resnet18":
         return PreActResNet18(num_classes, width=width, head=head, dtype=dtype)
+    if name in _IMAGENET_RESNETS:
+        stages, base_width, groups, per_group = _IMAGENET_RESNETS[name]
+        return ImageNetResNet(num_classes, stage_sizes=stages, width=base_width * width,
+                              groups=groups, width_per_group=per_group, head=head, dtype=dtype)
     return CifarResNet(num_classes, blocks_per_stage=_RESNET_BLOCKS[name], width=width, head=head,
                        dtype=dtype)
 

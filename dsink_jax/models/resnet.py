@@ -16,6 +16,7 @@
 Both return `(logits, features)`; see `dsink_jax.models.small` for the heads.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -165,6 +166,86 @@ class PreActResNet18(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 name = f"stage{stage + 1}_block{block}"
                 h = PreActBlock(ch, stride, self.dtype, name=name)(h, train)
+        features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
+        logits = apply_head(features, head=self.head, num_classes=self.num_classes,
+                            dtype=self.dtype, kernel_init=TORCH_DEFAULT_INIT)
+        return logits, features
+
+
+class BottleneckBlock(nn.Module):
+    """The ResNet-50 / ResNeXt bottleneck: 1x1, 3x3 (grouped), 1x1 (x4), + projection shortcut.
+
+    torchvision's ResNet v1.5 layout (the stride sits on the 3x3 conv); the last BN of each block
+    starts at zero (`zero_init_residual`, Goyal et al.), the usual large-batch recipe.
+    """
+
+    channels: int  # the bottleneck width before grouping: out = 4 * channels
+    stride: int = 1
+    groups: int = 1
+    width_per_group: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        width = int(self.channels * (self.width_per_group / 64.0)) * self.groups
+        out_channels = 4 * self.channels
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=KAIMING_NORMAL,
+                                 dtype=self.dtype, param_dtype=jnp.float32)
+        out = nn.relu(batch_norm(train, self.dtype, name="bn1")(conv(width, (1, 1),
+                                                                     name="conv1")(x)))
+        out = conv(width, (3, 3), strides=self.stride, padding=1, feature_group_count=self.groups,
+                   name="conv2")(out)
+        out = nn.relu(batch_norm(train, self.dtype, name="bn2")(out))
+        out = conv(out_channels, (1, 1), name="conv3")(out)
+        out = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                           dtype=self.dtype, scale_init=nn.initializers.zeros, name="bn3")(out)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != out_channels:
+            shortcut = conv(out_channels, (1, 1), strides=self.stride, name="proj")(x)
+            shortcut = batch_norm(train, self.dtype, name="proj_bn")(shortcut)
+        return nn.relu(out + shortcut)
+
+
+class ImageNetResNet(nn.Module):
+    """ResNet-50 / ResNeXt-50 for ImageNet-scale inputs (the ImageNet-LT and iNaturalist models).
+
+    A 7x7 stride-2 stem with 64 channels (x width), 3x3 stride-2 max pooling, four stages of
+    bottleneck blocks with 64/128/256/512 (x width) bottleneck channels, global average pooling.
+    ResNet-50 ([3, 4, 6, 3], groups 1) has 25,557,032 parameters with a 1000-class linear head and
+    ResNeXt-50 32x4d (groups 32, 4 channels per group) 25,028,904, as torchvision's.
+
+    Attributes:
+        num_classes: C.
+        stage_sizes: bottleneck blocks per stage.
+        width: channel multiplier (tiny test variants use a small one).
+        groups, width_per_group: ResNeXt cardinality and group width (1, 64: plain ResNet).
+        head: "linear", "cosine" or "none".
+        dtype: computation dtype (bfloat16 on accelerators); params stay float32.
+    """
+
+    num_classes: int
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+    width: float = 1.0
+    groups: int = 1
+    width_per_group: int = 64
+    head: str = "linear"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array | None, jax.Array]:
+        """Args: x float [B, H, W, C_in]. Returns: (logits [B, C] or None, features [B, D])."""
+        stem = scaled_width(64, self.width)
+        h = nn.Conv(stem, (7, 7), strides=2, padding=3, use_bias=False,
+                    kernel_init=KAIMING_NORMAL, dtype=self.dtype, param_dtype=jnp.float32,
+                    name="conv1")(x.astype(self.dtype))
+        h = nn.relu(batch_norm(train, self.dtype, name="bn1")(h))
+        h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, blocks in enumerate(self.stage_sizes):
+            channels = scaled_width(64 * 2 ** stage, self.width)
+            for block in range(blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                h = BottleneckBlock(channels, stride, self.groups, self.width_per_group,
+                                    self.dtype, name=f"stage{stage + 1}_block{block}")(h, train)
         features = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
         logits = apply_head(features, head=self.head, num_classes=self.num_classes,
                             dtype=self.dtype, kernel_init=TORCH_DEFAULT_INIT)

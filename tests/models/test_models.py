@@ -17,7 +17,8 @@ NUM_CLASSES = 5
 X8 = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype(np.float32)
 X32 = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 FEATURE_DIMS = {"mlp": 128, "cnn": 64, "resnet8": 64, "resnet20": 64, "resnet32": 64,
-                "preact_resnet18": 512}
+                "preact_resnet18": 512, "resnet50": 2048, "resnext50_32x4d": 2048,
+                "resnet50_tiny": 256, "resnext50_tiny": 256}
 
 
 def _shapes(name, **kwargs):
@@ -129,6 +130,28 @@ def test_resnet_param_counts():
         assert counts[name] == expected, name
     assert counts["resnet32"] == 464_154
     assert 440_000 <= counts["resnet32"] <= 480_000
+
+
+def test_imagenet_resnets_have_torchvisions_parameter_counts():
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    for name, expected in (("resnet50", 25_557_032), ("resnext50_32x4d", 25_028_904)):
+        variables = jax.eval_shape(get_model(name, num_classes=1000).init, jax.random.key(0), x)
+        assert count_params(variables["params"]) == expected, name
+
+
+def test_tiny_imagenet_resnet_trains_a_step_in_bfloat16():
+    model = get_model("resnext50_tiny", num_classes=NUM_CLASSES, dtype=jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 64, 64, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables["params"]))
+    (logits, features), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32 and logits.shape == (4, NUM_CLASSES)
+    # The last BN of each bottleneck starts at zero: a block starts as its shortcut.
+    assert float(jnp.abs(variables["params"]["stage1_block0"]["bn3"]["scale"]).max()) == 0.0
+    grads = jax.grad(lambda p: model.apply({**variables, "params": p}, x, train=True,
+                                           mutable=["batch_stats"])[0][0].sum())(
+        variables["params"])
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 def test_preact_resnet18_param_count():
@@ -249,7 +272,7 @@ def test_jit_equals_eager_and_no_retrace():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    (dict(name="resnet50", num_classes=10), ValueError, "name must be one of"),
+    (dict(name="resnet101", num_classes=10), ValueError, "name must be one of"),
     (dict(name="cnn", num_classes=10, head="arcface"), ValueError, "head must be one of"),
     (dict(name="cnn", num_classes=0), ValueError, "num_classes must be >= 1"),
     (dict(name="cnn", num_classes=2.5), TypeError, "num_classes must be an int"),
