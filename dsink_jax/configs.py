@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from dsink_jax.data import LONG_TAIL_PROFILES, NOISE_KINDS
+from dsink_jax.data import BAD_IMAGE_POLICIES, LONG_TAIL_PROFILES, NOISE_KINDS, is_streaming_spec
 from dsink_jax.models import DTYPES, MODEL_NAMES
 from dsink_jax.train.objectives import LOSS_NAMES
 from dsink_jax.train.optim import SCHEDULES
@@ -44,13 +44,17 @@ COMMON_ARGS: dict[str, Any] = {
 }
 
 
-# Dataset names accepted by `dataset=`; `npz:PATH` and `tfds:NAME` are accepted as well.
+# Dataset names accepted by `dataset=`; `npz:PATH`, `tfds:NAME` and `filelist:DIR` are accepted
+# as well. The last three are read as streams (grain), the others held in memory.
 DATASET_ALIASES = {
     "digits": "digits",
     "cifar10": "tfds:cifar10",
     "cifar100": "tfds:cifar100",
     "cifar10_n": "tfds:cifar10_n",
     "cifar100_n": "tfds:cifar100_n",
+    "imagenet_lt": "tfds:imagenet_lt",
+    "inaturalist2018": "tfds:i_naturalist2018",
+    "places365": "tfds:places365_small",
 }
 
 # Per-preset training protocol. `digits` overrides apply when the data is the 8x8 digits set.
@@ -85,6 +89,34 @@ DIGITS_OVERRIDES: dict[str, dict[str, Any]] = {
     "cpu": dict(model="mlp", width=1.0, epochs=100, batch_size=64, learning_rate=0.05,
                 eval_every_epochs=20, checkpoint_every_epochs=20),
     "smoke": dict(model="mlp", width=0.5, epochs=2, batch_size=64),
+}
+
+# Large streaming sources (ImageNet-LT, iNaturalist 2018, Places-LT, file lists): the protocols of
+# the long-tail literature. `paper`: ResNeXt-50 32x4d on ImageNet-LT and ResNet-50 on the others
+# (BCL, Zhu et al. 2022; decoupling, Kang et al. 2020): SGD momentum 0.9, cosine, 5 warm-up
+# epochs, 224 x 224 random resized crops + flips; ImageNet-LT and file lists batch 256, lr 0.1,
+# wd 5e-4, 90 epochs; iNaturalist batch 512, lr 0.2, wd 1e-4, 100 epochs. Places-LT is usually
+# fine-tuned from an ImageNet-pretrained ResNet-152, which this library does not ship: here
+# ResNet-50 from scratch, 90 epochs. `smoke` (a folder of small JPEGs in about a minute on a CPU)
+# and `cpu` use the tiny ResNet-50 at small image sizes.
+_LARGE = dict(width=1.0, momentum=0.9, schedule="cosine", warmup_epochs=5, eval_every_epochs=10,
+              checkpoint_every_epochs=1, checkpoint_every_steps=1000, image_size=224, workers=-1)
+STREAMING_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {
+        "default": dict(_LARGE, model="resnet50", epochs=90, batch_size=256, learning_rate=0.1,
+                        weight_decay=5e-4),
+        "imagenet_lt": dict(_LARGE, model="resnext50_32x4d", epochs=90, batch_size=256,
+                            learning_rate=0.1, weight_decay=5e-4),
+        "i_naturalist2018": dict(_LARGE, model="resnet50", epochs=100, batch_size=512,
+                                learning_rate=0.2, weight_decay=1e-4),
+    },
+    "cpu": {"default": dict(_LARGE, model="resnet50_tiny", epochs=10, batch_size=64,
+                            learning_rate=0.1, weight_decay=5e-4, warmup_epochs=1,
+                            eval_every_epochs=5, checkpoint_every_steps=200, image_size=64)},
+    "smoke": {"default": dict(_LARGE, model="resnet50_tiny", epochs=2, batch_size=16,
+                              learning_rate=0.05, weight_decay=5e-4, warmup_epochs=0,
+                              eval_every_epochs=1, checkpoint_every_steps=0, image_size=32,
+                              workers=0)},
 }
 
 LOSS_DEFAULTS = dict(
@@ -147,13 +179,15 @@ def parse_arg_string(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any
 
 
 def dataset_spec(dataset: str) -> str:
-    """Maps a `dataset=` value to a data source spec (`digits`, `npz:PATH`, `tfds:NAME`)."""
+    """Maps a `dataset=` value to a source spec (`digits`, `npz:PATH`, `tfds:NAME`,
+    `filelist:DIR`)."""
     if dataset in DATASET_ALIASES:
         return DATASET_ALIASES[dataset]
-    if dataset.startswith(("npz:", "tfds:")):
+    if dataset.startswith(("npz:", "tfds:", "filelist:")) and dataset.partition(":")[2]:
         return dataset
     raise ConfigError(
-        f"unknown dataset {dataset!r}; allowed: {', '.join(DATASET_ALIASES)}, npz:PATH, tfds:NAME")
+        f"unknown dataset {dataset!r}; allowed: {', '.join(DATASET_ALIASES)}, npz:PATH, "
+        "tfds:NAME, filelist:DIR")
 
 
 def build_config(family: str, args: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -171,9 +205,15 @@ def build_config(family: str, args: dict[str, Any]) -> ml_collections.ConfigDict
         raise ConfigError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
     spec = dataset_spec(args["dataset"])
     protocol = copy.deepcopy(PRESETS[preset])
+    protocol.update(checkpoint_every_steps=0, image_size=0, workers=0)
     is_digits = spec == "digits"
+    streamed = is_streaming_spec(spec)
     if is_digits:
         protocol.update(DIGITS_OVERRIDES[preset])
+    if streamed:
+        overrides = STREAMING_OVERRIDES[preset]
+        name = spec.partition(":")[2] if spec.startswith("tfds:") else "default"
+        protocol.update(overrides.get(name, overrides["default"]))
 
     c = ml_collections.ConfigDict()
     c.family = family
@@ -188,8 +228,9 @@ def build_config(family: str, args: dict[str, Any]) -> ml_collections.ConfigDict
     c.data.noise = args["noise"]
     c.data.noise_rate = float(args["noise_rate"])
     c.data.real_noise_key = ""  # for noise=real: the extra label array (e.g. worse_label)
-    c.data.crop_padding = 1 if is_digits else 4
-    c.data.flip = not is_digits  # flipping a digit changes what it is
+    # In-step augmentation of in-memory images (a streaming source crops and flips on the host).
+    c.data.crop_padding = 0 if streamed else 1 if is_digits else 4
+    c.data.flip = not (is_digits or streamed)  # flipping a digit changes what it is
     c.data.many_shot_threshold = 100  # many-shot: more than this many training images
     c.data.few_shot_threshold = 20  # few-shot: fewer than this many
 
@@ -213,8 +254,17 @@ def build_config(family: str, args: dict[str, Any]) -> ml_collections.ConfigDict
     c.optim.lr_drop_fractions = tuple(protocol["lr_drop_fractions"])
     c.optim.lr_drop_factors = tuple(protocol["lr_drop_factors"])
 
+    # Streaming sources (see `dsink_jax.data.streaming`): the host-side input pipeline.
+    c.input = ml_collections.ConfigDict()
+    c.input.image_size = int(protocol["image_size"])  # square training and evaluation images
+    c.input.workers = int(protocol["workers"])  # grain worker processes; -1 = CPUs - 1, <= 16
+    c.input.bad_images = "error"  # "error": fail naming the file; "skip": check all, count
+
     c.eval_every_epochs = int(protocol["eval_every_epochs"])
     c.checkpoint_every_epochs = int(protocol["checkpoint_every_epochs"])
+    # Also save every this many optimizer steps, inside epochs (0 = at epoch ends only); a
+    # resumed run continues from that step, with the data stream where it was.
+    c.checkpoint_every_steps = int(protocol["checkpoint_every_steps"])
     c.keep_checkpoints = 2
     c.eval_batch_size = 512
     c.progress = True  # tqdm progress bar
@@ -301,6 +351,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"eval_every_epochs={config.eval_every_epochs} must be >= 1")
     require(config.checkpoint_every_epochs >= 1,
              f"checkpoint_every_epochs={config.checkpoint_every_epochs} must be >= 1")
+    require(config.checkpoint_every_steps >= 0,
+             f"checkpoint_every_steps={config.checkpoint_every_steps} must be >= 0 (0 = off)")
+    i = config.input
+    if is_streaming_spec(dataset_spec(config.data.dataset)):
+        require(i.image_size >= 8, f"input.image_size={i.image_size} must be >= 8")
+    require(i.workers >= -1, f"input.workers={i.workers} must be >= -1 (-1 = CPUs - 1)")
+    require(i.bad_images in BAD_IMAGE_POLICIES,
+            f"input.bad_images={i.bad_images!r}; allowed: {', '.join(BAD_IMAGE_POLICIES)}")
     require(config.keep_checkpoints >= 1,
              f"keep_checkpoints={config.keep_checkpoints} must be >= 1")
     require(config.eval_batch_size >= 1,

@@ -29,13 +29,20 @@ from dsink_jax.data.sources import load_dataset
 from dsink_jax.data.sources import load_digits
 from dsink_jax.data.sources import load_npz
 from dsink_jax.data.sources import load_tfds
+from dsink_jax.data.streaming import BAD_IMAGE_POLICIES
+from dsink_jax.data.streaming import IMAGENET_MEAN
+from dsink_jax.data.streaming import IMAGENET_STD
+from dsink_jax.data.streaming import STREAMING_TFDS
+from dsink_jax.data.streaming import BadInputError
+from dsink_jax.data.streaming import StreamingDataset
+from dsink_jax.data.streaming import is_streaming_spec
 from dsink_jax.data.training_set import TrainingSet
 from dsink_jax.data.training_set import make_training_set
 
 __all__ = [
-    "ASYM_MAPS", "CIFAR100_CLASS_NAMES", "CIFAR100_COARSE", "CIFAR10_CLASS_NAMES", "Dataset",
+    "ASYM_MAPS", "BAD_IMAGE_POLICIES", "IMAGENET_MEAN", "IMAGENET_STD", "BadInputError", "CIFAR100_CLASS_NAMES", "CIFAR100_COARSE", "CIFAR10_CLASS_NAMES", "Dataset",
     "DatasetNotPreparedError", "LONG_TAIL_PROFILES", "NOISE_KINDS", "SOURCE_KINDS",
-    "TFDS_DATASETS", "TrainingSet", "asym_class_map", "augment_batch", "channel_stats",
-    "corrupt_labels", "epoch_batches", "load_dataset", "load_digits", "load_npz", "load_tfds",
+    "STREAMING_TFDS", "StreamingDataset", "TFDS_DATASETS", "TrainingSet", "asym_class_map", "augment_batch", "channel_stats",
+    "corrupt_labels", "epoch_batches", "is_streaming_spec", "load_dataset", "load_digits", "load_npz", "load_tfds",
     "long_tail_counts", "long_tail_indices", "make_training_set", "normalize",
 ]

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-SOURCE_KINDS = ("digits", "npz", "tfds")
+SOURCE_KINDS = ("digits", "npz", "tfds", "filelist")
 TFDS_DATASETS = ("cifar10", "cifar100", "cifar10_n", "cifar100_n")
 
 # Names that pick a known asym noise map (see dsink_jax.data.noise).
@@ -125,18 +125,22 @@ def _check_labels(y: np.ndarray, what: str, num_classes: int) -> None:
             f"[0, {num_classes}).")
 
 
-def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None,
+                 bad_images: str = "error"):
     """Loads a raw dataset from a source spec.
 
     Args:
       spec: ``"digits"`` (scikit-learn's bundled 8x8 digits), ``"npz:PATH"`` (local arrays,
-        see :func:`load_npz`) or ``"tfds:NAME"`` with NAME in :data:`TFDS_DATASETS` (see
-        :func:`load_tfds`).
+        see :func:`load_npz`), ``"tfds:NAME"`` with NAME in :data:`TFDS_DATASETS` (see
+        :func:`load_tfds`), or a streaming source: ``"filelist:DIR"`` or ``"tfds:NAME"`` with
+        NAME in `streaming.STREAMING_TFDS` (see :func:`dsink_jax.data.streaming.load_streaming`).
       data_dir: tfds data directory (``tfds:`` only; None uses tfds' default,
         ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      bad_images: streaming sources only: "error" (an unreadable image fails naming its file
+        when it is met) or "skip" (every image checked at set-up, bad ones left out and counted).
 
     Returns:
-      The :class:`Dataset`.
+      The :class:`Dataset` (in memory), or a `StreamingDataset`.
 
     Raises:
       ValueError: unknown source kind or dataset name, or invalid arrays.
@@ -155,6 +159,10 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None) -> Dat
         return load_digits()
     if not arg:
         raise ValueError(f"The {kind!r} source needs an argument after ':', got {spec!r}.")
+    from dsink_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    if streaming.is_streaming_spec(spec):
+        return streaming.load_streaming(spec, data_dir=None if data_dir is None
+                                        else os.fspath(data_dir), bad_images=bad_images)
     if kind == "npz":
         return load_npz(arg)
     return load_tfds(arg, data_dir=data_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from dsink_jax.data.noise import NOISE_KINDS
 from dsink_jax.data.noise import check_noise_rate
 from dsink_jax.data.noise import corrupt_labels
 from dsink_jax.data.sources import Dataset
+from dsink_jax.data.streaming import StreamingDataset
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -18,11 +20,11 @@ class TrainingSet:
     """Long-tailed + noisy training data; the test set is untouched.
 
     Attributes:
-      x_train: uint8 [K, H, W, C] kept training images.
+      x_train: uint8 [K, H, W, C] kept training images (None for a streaming source).
       clean_labels: int32 [K] true labels.
       noisy_labels: int32 [K] observed labels (what a model is trained on).
       is_corrupted: bool [K], ``noisy_labels != clean_labels``.
-      x_test: uint8 [M, H, W, C] test images.
+      x_test: uint8 [M, H, W, C] test images (None for a streaming source).
       y_test: int32 [M] test labels (clean).
       num_classes: C.
       class_names: C names.
@@ -35,6 +37,9 @@ class TrainingSet:
       train_indices: int64 [K] indices of the kept images in the raw training set.
       seed: the seed used for the long tail and the noise.
       real_noise_key: the extra-label key used by ``real`` noise, else None.
+      stream: the :class:`~dsink_jax.data.streaming.StreamingDataset` the images are read from
+        (``train_indices`` index its training records), or None when they are in memory.
+      stream_image_size: side of the square images a streaming source is read at.
     """
 
     x_train: np.ndarray
@@ -54,6 +59,25 @@ class TrainingSet:
     train_indices: np.ndarray | None = None
     seed: int = 0
     real_noise_key: str | None = None
+    stream: Any = None
+    stream_image_size: int = 0
+
+    @property
+    def num_train(self) -> int:
+        """K, the number of kept training examples."""
+        return int(self.clean_labels.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """[H, W, C] of the images the model sees."""
+        if self.stream is not None:
+            return (self.stream_image_size, self.stream_image_size, 3)
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def sample_images(self) -> np.ndarray:
+        """uint8 [1, H, W, C] zeros: the input shape a model is initialised with."""
+        return np.zeros((1,) + self.image_shape, np.uint8)
 
     @property
     def class_counts(self) -> np.ndarray:
@@ -84,7 +108,9 @@ class TrainingSet:
             "class_names": list(self.class_names),
             "num_train": int(self.clean_labels.shape[0]),
             "num_test": int(self.y_test.shape[0]),
-            "image_shape": [int(d) for d in self.x_train.shape[1:]],
+            "image_shape": list(self.image_shape),
+            "streaming": self.stream is not None,
+            "skipped_unreadable_images": list(getattr(self.stream, "skipped", ())),
             "imbalance_ratio": float(self.imbalance_ratio),
             "realised_imbalance_ratio": float(self.class_counts.max() / self.class_counts.min()),
             "profile": self.profile,
@@ -116,9 +142,10 @@ class TrainingSet:
         return "\n".join(lines)
 
 
-def make_training_set(dataset: Dataset, *, imbalance_ratio: float = 1.0, profile: str = "exp",
-                      noise: str = "none", noise_rate: float = 0.0, seed: int = 0,
-                      real_noise_key: str | None = None, asym_map: str = "auto") -> TrainingSet:
+def make_training_set(dataset: Dataset | StreamingDataset, *, imbalance_ratio: float = 1.0,
+                      profile: str = "exp", noise: str = "none", noise_rate: float = 0.0,
+                      seed: int = 0, real_noise_key: str | None = None, asym_map: str = "auto",
+                      image_size: int = 224) -> TrainingSet:
     """Applies the long tail to the clean labels first, then label noise.
 
     Args:
@@ -131,6 +158,7 @@ def make_training_set(dataset: Dataset, *, imbalance_ratio: float = 1.0, profile
       real_noise_key: for ``noise="real"``, the key of ``dataset.extra_labels`` whose labels
         (restricted to the kept images) become the observed labels.
       asym_map: class map of ``asym`` noise; ``"auto"`` picks it from ``dataset.name``.
+      image_size: for a streaming source, the side of the square images it is read at.
 
     Returns:
       The :class:`TrainingSet`.
@@ -138,8 +166,9 @@ def make_training_set(dataset: Dataset, *, imbalance_ratio: float = 1.0, profile
     Raises:
       ValueError: bad option, a class left with zero samples, missing ``real_noise_key``.
     """
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"dataset must be a dsink_jax.data.Dataset, got {type(dataset).__name__}.")
+    if not isinstance(dataset, (Dataset, StreamingDataset)):
+        raise TypeError(f"dataset must be a dsink_jax.data.Dataset or StreamingDataset, got "
+                        f"{type(dataset).__name__}.")
     if profile not in LONG_TAIL_PROFILES:
         raise ValueError(f"Unknown long-tail profile {profile!r}; allowed: {LONG_TAIL_PROFILES}.")
     if noise not in NOISE_KINDS:
@@ -159,10 +188,13 @@ def make_training_set(dataset: Dataset, *, imbalance_ratio: float = 1.0, profile
     given = dataset.extra_labels[real_noise_key][keep] if noise == "real" else None
     noisy = corrupt_labels(clean, noise, noise_rate, dataset.num_classes, seed,
                            noisy_labels=given, asym_map=asym_map, dataset_name=dataset.name)
+    streamed = isinstance(dataset, StreamingDataset)
     return TrainingSet(
-        x_train=dataset.x_train[keep], clean_labels=clean, noisy_labels=noisy,
-        is_corrupted=noisy != clean, x_test=dataset.x_test, y_test=dataset.y_test,
+        x_train=None if streamed else dataset.x_train[keep], clean_labels=clean,
+        noisy_labels=noisy, is_corrupted=noisy != clean,
+        x_test=None if streamed else dataset.x_test, y_test=dataset.y_test,
         num_classes=dataset.num_classes, class_names=tuple(dataset.class_names),
         source=dataset.source, name=dataset.name, imbalance_ratio=float(imbalance_ratio),
         profile=profile, noise=noise, noise_rate=float(noise_rate), train_indices=keep,
-        seed=seed, real_noise_key=real_noise_key)
+        seed=seed, real_noise_key=real_noise_key, stream=dataset if streamed else None,
+        stream_image_size=int(image_size) if streamed else 0)

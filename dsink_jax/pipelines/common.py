@@ -13,10 +13,12 @@ import time
 from typing import Any, Iterable
 
 import jax
+import numpy as np
 
 from dsink_jax import configs as configs_lib
 from dsink_jax import data as data_lib
 from dsink_jax import models as models_lib
+from dsink_jax.train import feed as feed_lib
 from dsink_jax.train import loop, optim, parallel
 from dsink_jax.train import step as step_lib
 from dsink_jax.train.checkpoint import Checkpointer
@@ -28,14 +30,20 @@ def prepare_training_set(config) -> data_lib.TrainingSet:
     """Loads the configured source and applies the long tail, then the label noise."""
     data = config.data
     dataset = data_lib.load_dataset(configs_lib.dataset_spec(data.dataset),
-                                    data_dir=data.data_dir or None)
+                                    data_dir=data.data_dir or None,
+                                    bad_images=config.input.bad_images)
     return data_lib.make_training_set(
         dataset, imbalance_ratio=data.imbalance, profile=data.profile, noise=data.noise,
-        noise_rate=data.noise_rate, seed=config.seed, real_noise_key=data.real_noise_key or None)
+        noise_rate=data.noise_rate, seed=config.seed, real_noise_key=data.real_noise_key or None,
+        image_size=config.input.image_size)
 
 
 def augment_for(config, training_set: data_lib.TrainingSet) -> step_lib.Augment:
-    """Augmentation constants: per-channel statistics of the training images."""
+    """Augmentation constants: per-channel statistics of the training images (of ImageNet for a
+    streaming source, whose images are cropped and flipped on the host instead)."""
+    if training_set.stream is not None:
+        return step_lib.Augment(mean=data_lib.IMAGENET_MEAN, std=data_lib.IMAGENET_STD,
+                                crop_padding=0, flip=False)
     mean, std = data_lib.channel_stats(training_set.x_train)
     return step_lib.Augment(mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
                             crop_padding=int(config.data.crop_padding),
@@ -43,8 +51,9 @@ def augment_for(config, training_set: data_lib.TrainingSet) -> step_lib.Augment:
 
 
 def make_model(config, num_classes: int, *, head: str = "linear"):
-    return models_lib.get_model(config.model.name, num_classes=num_classes, width=config.model.width,
-                     head=head, dtype=models_lib.DTYPES[config.model.dtype])
+    return models_lib.get_model(config.model.name, num_classes=num_classes,
+                                width=config.model.width, head=head,
+                                dtype=models_lib.DTYPES[config.model.dtype])
 
 
 def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None = None,
@@ -59,11 +68,11 @@ def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None
       objective: a ready objective (e.g. D-SINK's); overrides `loss`.
       teacher_models: frozen modules whose logits the objective receives.
     """
-    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    steps_per_epoch = training_set.num_train // config.optim.batch_size
     if objective is None:
         objective = make_objective(
             loss or config.loss, config.loss_options,
-            class_counts=training_set.noisy_class_counts, num_train=training_set.x_train.shape[0],
+            class_counts=training_set.noisy_class_counts, num_train=training_set.num_train,
             steps_per_epoch=steps_per_epoch, epochs=config.optim.epochs)
     model = make_model(config, training_set.num_classes, head=objective.head)
     if objective.projection_dim:
@@ -73,6 +82,21 @@ def build_method(config, training_set: data_lib.TrainingSet, *, loss: str | None
         tx=optim.from_config(config.optim, steps_per_epoch=max(steps_per_epoch, 1)),
         objective=objective, augment=augment_for(config, training_set),
         teacher_models=tuple(teacher_models))
+
+
+def predict_split(config, training_set: data_lib.TrainingSet, model, variables, split: str,
+                  *, augment: step_lib.Augment) -> np.ndarray:
+    """A frozen model's eval-mode logits [n, C] on "train" (kept images, in index order) or
+    "test", read as the training loop reads them (in memory or streamed), data parallel."""
+    mesh = parallel.make_mesh(config.num_devices)
+    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    feed = feed_lib.make_feed(training_set, mesh, batch_size=1, seed=config.seed,
+                              eval_batch_size=config.eval_batch_size,
+                              image_size=config.input.image_size,
+                              workers=feed_lib.resolve_workers(config.input.workers))
+    predict = jax.jit(lambda v, x: step_lib.predict_logits(v, x, model=model, augment=augment),
+                      in_shardings=(rep, sharded), out_shardings=rep)
+    return feed.predict(predict, parallel.replicate(variables, mesh), split)
 
 
 def check_workdir(workdir: str) -> None:
@@ -114,9 +138,9 @@ def results_table(rows: Iterable[dict], *, extra_columns: tuple = ()) -> str:
 
 def data_header(training_set: data_lib.TrainingSet) -> str:
     s = training_set
-    return (f"{s.name} ({s.source}): {s.x_train.shape[0]} training images, ratio "
+    return (f"{s.name} ({s.source}): {s.num_train} training images, ratio "
             f"{s.imbalance_ratio:g} ({s.profile}), noise {s.noise} {s.noise_rate:g} "
-            f"(realised {s.realised_noise_rate:.3f}), {s.x_test.shape[0]} test images")
+            f"(realised {s.realised_noise_rate:.3f}), {s.y_test.shape[0]} test images")
 
 
 def write_summary(workdir: str, rows: list[dict], training_set: data_lib.TrainingSet,
@@ -154,8 +178,13 @@ def stage_row(name: str, loss: str, results: dict) -> dict:
 def stage_identity(config, loss: str) -> dict:
     """What determines a trained auxiliary stage; a finished stage is reused when it matches."""
     c = config.to_dict()
-    return {"data": c["data"], "model": c["model"], "optim": c["optim"], "seed": c["seed"],
-            "loss": loss, "loss_options": c["loss_options"]}
+    identity = {"data": c["data"], "model": c["model"], "optim": c["optim"], "seed": c["seed"],
+                "loss": loss, "loss_options": c["loss_options"]}
+    if data_lib.is_streaming_spec(configs_lib.dataset_spec(config.data.dataset)):
+        # How a stream is read changes the images (not the worker count).
+        identity["input"] = {"image_size": c["input"]["image_size"],
+                             "bad_images": c["input"]["bad_images"]}
+    return identity
 
 
 def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: str,
@@ -172,10 +201,11 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
     if claim_stage_dir(stage_dir, identity, name):
         if os.path.exists(results_path):
             template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
-                                           training_set.x_train[:1])
+                                           training_set.sample_images)
             restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
                                     keep=config.keep_checkpoints).restore_latest(template)
-            if restored is not None and restored[1] == config.optim.epochs:
+            total = config.optim.epochs * (training_set.num_train // config.optim.batch_size)
+            if restored is not None and int(restored[0].step) == total:
                 print(f"[{name}] reusing the finished stage in {stage_dir}")
                 with open(results_path) as f:
                     return json.load(f), restored[0]

@@ -21,12 +21,13 @@ import numpy as np
 
 from dsink_jax import configs as configs_lib
 from dsink_jax import plots
+from dsink_jax.data import is_streaming_spec
 from dsink_jax.configs import require
 from dsink_jax.losses.dsink import BASE_LOSSES, global_class_mass
 from dsink_jax.ot.backends import BACKENDS
 from dsink_jax.ot.sinkhorn import MIN_EPSILON
 from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir,
-                                        claim_stage_dir, data_header,
+                                        claim_stage_dir, data_header, predict_split,
                                         format_percent, prepare_training_set, results_table,
                                         stage_identity, stage_row, train_or_reuse_stage,
                                         write_summary)
@@ -134,6 +135,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"dsink.base_loss={d.base_loss!r}; allowed: {', '.join(BASE_LOSSES)}")
     require(d.allocation in ALLOCATIONS,
              f"dsink.allocation={d.allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+    require(d.allocation != "dataset" or not is_streaming_spec(
+        configs_lib.dataset_spec(config.data.dataset)),
+            "dsink.allocation=dataset holds an N x C table on the device; with a streaming "
+            "source use dsink.allocation=online (O(C) state) or batch")
     require(d.refresh_every_epochs >= 1,
              f"dsink.refresh_every_epochs={d.refresh_every_epochs} must be >= 1")
     require(0 < d.potential_learning_rate <= 1,
@@ -194,14 +199,12 @@ def train_teachers(config, workdir: str, training_set) -> dict:
 
     noise_model, noise_vars, noise_scale = stages["noise_teacher"]
     imbalance_model, imbalance_vars, imbalance_scale = stages["imbalance_teacher"]
-    steps_per_epoch = training_set.x_train.shape[0] // config.optim.batch_size
+    steps_per_epoch = training_set.num_train // config.optim.batch_size
     augment = augment_for(config, training_set)
 
     def train_logits(model, variables, scale):  # eval mode, unaugmented training images
-        predict = jax.jit(lambda v, x: step_lib.predict_logits(v, x, model=model,
-                                                               augment=augment))
-        return scale * step_lib.batched_predict(predict, variables, training_set.x_train,
-                                                config.eval_batch_size)
+        return scale * predict_split(config, training_set, model, variables, "train",
+                                     augment=augment)
 
     class_mass = None
     if d.class_mass == "global" or d.allocation != "batch":
@@ -223,7 +226,7 @@ def train_teachers(config, workdir: str, training_set) -> dict:
         refresh = dataset_allocation_refresh(
             d, noise_teacher_logits=train_logits(noise_model, noise_vars, noise_scale),
             class_mass=class_mass,
-            class_counts=training_set.noisy_class_counts, train_images=training_set.x_train,
+            class_counts=training_set.noisy_class_counts,
             every_epochs=int(d.refresh_every_epochs))
     return {"rows": rows, "curves": curves, "objective": objective,
             "teacher_models": tuple(m for m, _, _ in needed),
@@ -253,15 +256,8 @@ def posthoc_evaluations(config, training_set, method, state, priors: dict) -> di
     One forward pass over the test set; returns {name: {"test_accuracy", "many_shot_accuracy",
     "medium_shot_accuracy", "few_shot_accuracy", "per_class_accuracy"}}.
     """
-    mesh = parallel.make_mesh(config.num_devices)
-    rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    predict = jax.jit(lambda s, x: step_lib.predict_logits(s.variables, x, model=method.model,
-                                                           augment=method.augment),
-                      in_shardings=(rep, sharded), out_shardings=rep)
-    batch = -(-config.eval_batch_size // mesh.devices.size) * mesh.devices.size
-    logits = step_lib.batched_predict(predict, parallel.replicate(state, mesh),
-                                      training_set.x_test, batch,
-                                      put=functools.partial(parallel.global_batch, mesh=mesh))
+    logits = predict_split(config, training_set, method.model, state.variables, "test",
+                           augment=method.augment)
     out = {}
     for name, prior in priors.items():
         adjusted = logits if prior is None else logits - np.log(np.maximum(prior, 1e-12))
@@ -442,7 +438,7 @@ def _run_sweep(config, workdir, members, members_mode):
         config, sweep_dir, training_set=training_set, method=method,
         teacher_variables=teachers["teacher_variables"], name="sweep",
         members=loop.Members(names=tuple(m["name"] for m in members),
-                             states=init_members(method, members, training_set.x_train[:1]),
+                             states=init_members(method, members, training_set.sample_images),
                              mode=members_mode))
     seconds = time.perf_counter() - start
     rows = [{**member, **result} for member, result in zip(members, results)]

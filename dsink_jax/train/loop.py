@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from dsink_jax.data import TrainingSet, epoch_batches
+from dsink_jax.data import TrainingSet
+from dsink_jax.train import feed as feed_lib
 from dsink_jax.train import metrics as metrics_lib
 from dsink_jax.train import parallel
 from dsink_jax.train import step as step_lib
@@ -109,13 +110,6 @@ class _MetricsLog:
             self._tb.close()
 
 
-def check_batch_fits(batch_size: int, num_train: int) -> None:
-    """Raises before any work when a batch would not fit in the training set."""
-    if batch_size > num_train:
-        raise ValueError(f"optim.batch_size={batch_size} is larger than the training set "
-                         f"({num_train} examples); allowed: 1..{num_train}")
-
-
 def summarise_predictions(test_predictions: np.ndarray, train_predictions: np.ndarray | None,
                           training_set: TrainingSet, config) -> dict:
     """Test accuracies (overall, shot groups, per class) and the noisy-label correction rate.
@@ -175,11 +169,12 @@ def train(config, workdir: str, *, training_set: TrainingSet, method: step_lib.M
       teacher_variables: frozen variables of `method.teacher_models`, passed to every step.
       name: a label for logs and the progress bar.
       epoch_hook: `(state, epoch) -> dict` of extra values to log at each evaluation (host side).
-      refresh_extra: `(state, epoch, predict) -> dict | None`, called before every epoch
-        (host side); the entries it returns replace those of `state.extra` (e.g. D-SINK's
-        dataset-level allocation). `predict(state, uint8 images) -> float [N, C]` runs the
-        jitted, sharded eval forward. It must depend on the state alone, so that a resumed run
-        recomputes the same values. Single runs only.
+      refresh_extra: `(state, epoch, predict_train) -> dict | None`, called at the start of
+        every epoch (host side); the entries it returns replace those of `state.extra` (e.g.
+        D-SINK's dataset-level allocation). `predict_train(state) -> float [N, C]` gives the
+        method's test-time logits on the unaugmented training set, in index order. It must
+        depend on the state alone, so that a resumed run recomputes the same values. Single
+        runs only.
       init_variables: Flax variables ("params", optional "batch_stats") to start from instead
         of a fresh initialisation (a warm start; the optimizer state starts fresh). A resumed
         run takes its checkpoint instead. Single runs only.
@@ -204,9 +199,9 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
            refresh_extra, init_variables, members):
     wall_start = time.perf_counter()
     ts = training_set
-    num_train = ts.x_train.shape[0]
+    num_train = ts.num_train
     batch_size = config.optim.batch_size
-    check_batch_fits(batch_size, num_train)
+    feed_lib.check_batch_fits(batch_size, num_train)
     epochs = config.optim.epochs
     rng = jax.random.PRNGKey(config.seed)
 
@@ -214,11 +209,18 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_batch_size(batch_size, mesh)
     rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    # In memory (on the devices) or streaming (grain workers on the host), by the training set.
+    feed = feed_lib.make_feed(ts, mesh, batch_size=batch_size, seed=config.seed,
+                              eval_batch_size=config.eval_batch_size,
+                              image_size=config.input.image_size,
+                              num_views=method.objective.num_views,
+                              workers=feed_lib.resolve_workers(config.input.workers))
+    steps_per_epoch = feed.steps_per_epoch
     if members is None:
         num_members, run_dirs = 1, [workdir]
         step_fn = functools.partial(step_lib.train_step, method=method)
         predict_fn = functools.partial(step_lib.test_logits, method=method)
-        state = step_lib.init_state(method, rng, ts.x_train[:1])
+        state = step_lib.init_state(method, rng, ts.sample_images)
         if init_variables is not None:
             # Host copies: the step donates the state, and the donor (e.g. a frozen teacher
             # that the step also reads) must survive.
@@ -241,35 +243,37 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
     jit_step = jax.jit(step_fn, in_shardings=(rep, sharded, rep), out_shardings=(rep, rep),
                        donate_argnums=0)
     jit_predict = jax.jit(predict_fn, in_shardings=(rep, sharded), out_shardings=rep)
-    dataset = parallel.DeviceDataset(ts.x_train, ts.noisy_labels, mesh)
-    eval_batch_size = dataset.eval_batch_size(config.eval_batch_size)
     teacher_variables = parallel.replicate(teacher_variables, mesh)
 
     state = parallel.replicate(state, mesh)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest(state)
-    start_epoch = 0
+    # The state's own step counter says where a restored run stands (checkpoints are numbered
+    # by optimizer step; those of earlier versions by epoch, which the state makes unambiguous).
+    restored = checkpointer.restore_latest(state, data_iterator=feed.data_iterator)
+    start_step = 0
     if restored is not None:
-        state, start_epoch = restored
-        logging.info("%s: resuming after epoch %d", name, start_epoch)
+        state = restored[0]
+        start_step = int(np.asarray(state.step).reshape(-1)[0])
+        logging.info("%s: resuming at step %d", name, start_step)
+    start_epoch, start_offset = divmod(start_step, steps_per_epoch)
     logs = [_MetricsLog(d, start_epoch) if parallel.is_writer() else _NullLog()
             for d in run_dirs]
     diverged: list[int | None] = [None] * num_members
-    if start_epoch:  # a resumed sweep remembers which members had diverged
+    if start_step:  # a resumed sweep remembers which members had diverged
         for m, d in enumerate(run_dirs):
             diverged[m] = _diverged_step_in_log(d)
 
-    def predict(state, images: np.ndarray) -> np.ndarray:
-        return step_lib.batched_predict(jit_predict, state, images, eval_batch_size,
-                                        put=functools.partial(parallel.global_batch, mesh=mesh))
+    def predict_train(state) -> np.ndarray:
+        """The method's test-time logits on the (unaugmented) training set, in index order."""
+        return feed.predict(jit_predict, state, "train")
 
     def evaluate(state) -> list[dict]:
-        test_logits = predict(state, ts.x_test).reshape(ts.x_test.shape[0], num_members, -1)
+        test_logits = feed.predict(jit_predict, state, "test").reshape(
+            ts.y_test.shape[0], num_members, -1)
         train_pred = None
         if ts.is_corrupted.any():
-            train_pred = predict(state, ts.x_train).reshape(
-                num_train, num_members, -1).argmax(-1)
+            train_pred = predict_train(state).reshape(num_train, num_members, -1).argmax(-1)
         return [summarise_predictions(test_logits[:, m].argmax(-1),
                                       None if train_pred is None else train_pred[:, m], ts,
                                       config) for m in range(num_members)]
@@ -283,37 +287,42 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
     final = None  # the evaluations after the last epoch
     try:
         for epoch in range(start_epoch, epochs):
-            if refresh_extra is not None:
-                new_extra = refresh_extra(state, epoch, predict)
+            offset = start_offset if epoch == start_epoch else 0
+            if refresh_extra is not None and offset == 0:
+                # Inside an epoch, the restored state already holds this epoch's refresh.
+                new_extra = refresh_extra(state, epoch, predict_train)
                 if new_extra:
                     state = state.replace(
                         extra={**state.extra, **parallel.replicate(new_extra, mesh)})
-            order = epoch_batches(config.seed, epoch, num_train, batch_size)
             history = []
-            first_step = int(np.asarray(state.step).reshape(-1)[0])
+            first_step = epoch * steps_per_epoch + offset
             t0 = time.perf_counter()
-            for i, idx in enumerate(order):
-                state, step_metrics = jit_step(state, dataset.batch(idx), teacher_variables)
+            for i, batch in enumerate(feed.epoch(epoch, offset)):
+                state, step_metrics = jit_step(state, batch, teacher_variables)
                 history.append(step_metrics)
                 if i == 0 and epoch == start_epoch:
                     jax.block_until_ready(state)  # keep compilation out of images/sec
                     t0 = time.perf_counter()
+                step = first_step + i + 1
+                if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                        and step % steps_per_epoch):
+                    if members is None:  # never save a diverged single run
+                        _raise_if_diverged(_fetch_epoch_metrics(history, first_step, 1)[1][0])
+                    checkpointer.save(step, state, data_iterator=feed.data_iterator)
             epoch_metrics, bad_steps = _fetch_epoch_metrics(history, first_step, num_members)
-            if members is None and bad_steps[0] is not None:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {bad_steps[0]}; the last good "
-                    "checkpoint is kept")
+            if members is None:
+                _raise_if_diverged(bad_steps[0])
             for m, bad in enumerate(bad_steps):
                 if diverged[m] is None and bad is not None:
                     diverged[m] = bad
                     logging.warning("%s: member %s diverged at step %d; the others go on",
                                     name, members.names[m], bad)
             seconds = time.perf_counter() - t0
-            counted = len(order) - (1 if epoch == start_epoch else 0)
+            counted = len(history) - (1 if epoch == start_epoch else 0)
             timed_images += counted * batch_size
             timed_seconds += seconds
             done = epoch + 1
-            records = [{"epoch": done, "step": first_step + len(order),
+            records = [{"epoch": done, "step": done * steps_per_epoch,
                         **{f"train_{k}": v for k, v in em.items()},
                         "images_per_sec": counted * batch_size / max(seconds, 1e-9),
                         "diverged_at_step": diverged[m]}
@@ -337,7 +346,7 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
             for log, record in zip(logs, records):
                 log.write(record)
             if done % config.checkpoint_every_epochs == 0 or done == epochs:
-                checkpointer.save(done, state)
+                checkpointer.save(done * steps_per_epoch, state, data_iterator=feed.data_iterator)
             bar.set_postfix(loss=f"{epoch_metrics[0]['loss']:.3f}",
                             acc=f"{epoch_metrics[0]['accuracy']:.3f}")
             bar.update(1)
@@ -371,6 +380,12 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
         results.append(result)
     checkpointer.close()
     return (results[0] if members is None else results), state
+
+
+def _raise_if_diverged(bad_step: int | None) -> None:
+    if bad_step is not None:
+        raise NonFiniteLossError(f"non-finite loss or gradient at step {bad_step}; the last good "
+                                 "checkpoint is kept")
 
 
 def _diverged_step_in_log(run_dir: str) -> int | None:

@@ -319,7 +319,7 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
 
 def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray,
                                class_mass: np.ndarray, class_counts: np.ndarray | None = None,
-                               train_images: np.ndarray, every_epochs: int):
+                               every_epochs: int):
     """The between-epochs solve of `allocation="dataset"`, as a loop `refresh_extra` hook.
 
     Every `every_epochs` epochs (from epoch 0 on) it runs the student over the unaugmented
@@ -332,11 +332,11 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
       noise_teacher_logits: float [N, C] f_N's logits on the unaugmented training images.
       class_mass: [C] f_L's class mass over the training set.
       class_counts: [C] given-label counts (for `student_logit_adjustment`).
-      train_images: uint8 [N, H, W, C] the training images, in index order.
       every_epochs: refresh period k.
 
     Returns:
-      `refresh(state, epoch, predict) -> dict | None` for `dsink_jax.train.loop.train`.
+      `refresh(state, epoch, predict_train) -> dict | None` for `dsink_jax.train.loop.train`,
+      with `predict_train(state)` the student's logits on the unaugmented training set.
     """
     noise_log_probs = jax.nn.log_softmax(jnp.asarray(noise_teacher_logits, jnp.float32))
     mass = jnp.asarray(class_mass, jnp.float32)
@@ -348,10 +348,10 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
     epsilon, num_iters = float(options.epsilon), int(options.num_iters)
     backend = str(options.backend)
 
-    def refresh(state, epoch: int, predict):
+    def refresh(state, epoch: int, predict_train):
         if epoch % every_epochs:
             return None
-        student = jax.nn.log_softmax(jnp.asarray(predict(state, train_images)) + shift)
+        student = jax.nn.log_softmax(jnp.asarray(predict_train(state)) + shift)
         solved = ot.sinkhorn_allocation(noise_log_probs, student, mass, epsilon=epsilon,
                                         num_iters=num_iters, backend=backend)
         return {"allocation": np.asarray(solved.allocation, np.float32)}

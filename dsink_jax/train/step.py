@@ -123,7 +123,11 @@ def prepare_batch(rng: jax.Array, step: jax.Array, batch: dict[str, jax.Array],
     Split from the update so that a sweep runs it once for all members.
     """
     view_keys, objective_key = step_keys(rng, step, method.objective.num_views)
-    views = [method.augment.train(key, batch["images"]) for key in view_keys]
+    source = batch["images"]
+    if source.ndim == 5:  # [B, V, H, W, C]: views augmented on the host (a streaming feed)
+        views = [method.augment.train(key, source[:, v]) for v, key in enumerate(view_keys)]
+    else:
+        views = [method.augment.train(key, source) for key in view_keys]
     teacher_logits = tuple(
         jax.lax.stop_gradient(model.apply(variables, views[0], train=False)[0])
         for model, variables in zip(method.teacher_models, teacher_variables))

@@ -27,17 +27,17 @@ ARGS = ["--config=experiments/configs/baseline.py:preset=smoke,loss=elr,noise_ra
         "--config.eval_every_epochs=1", "--config.keep_checkpoints=3"]
 
 # Runs experiments/main.py; with KILL_IN_SAVE=k the process SIGKILLs itself while saving the
-# checkpoint of epoch k (after a random delay within the save).
+# checkpoint of step k (after a random delay within the save).
 RUNNER = """
 import os, random, runpy, signal, sys, threading
 from dsink_jax.train import checkpoint
 kill_at = int(os.environ.get("KILL_IN_SAVE", "0"))
 original = checkpoint.Checkpointer.save
-def save(self, epoch, state):
-    if epoch == kill_at:
+def save(self, step, state, **kwargs):
+    if step == kill_at:
         delay = random.Random(kill_at).uniform(0.0, 0.05)
         threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    original(self, epoch, state)
+    original(self, step, state, **kwargs)
 checkpoint.Checkpointer.save = save
 sys.argv = ["experiments/main.py"] + sys.argv[1:]
 runpy.run_path("experiments/main.py", run_name="__main__")
@@ -58,8 +58,14 @@ def _fingerprint(workdir):
 
 
 def _checkpoints(workdir):
+    """The checkpoint numbers (optimizer steps) on disk."""
     path = pathlib.Path(workdir) / "elr" / "checkpoints"
     return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+def _steps_per_epoch(workdir):
+    stage = json.loads((pathlib.Path(workdir) / "elr" / "results.json").read_text())
+    return stage["steps"] // stage["epochs"]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +73,14 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
     subprocess.run(_command(workdir), cwd=ROOT, env=_env(), check=True, capture_output=True,
                    timeout=600)
-    return _fingerprint(workdir)
+    return _fingerprint(workdir), _steps_per_epoch(workdir)
 
 
 def test_kill9_at_random_steps_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
+    fingerprint, steps_per_epoch = uninterrupted
     rng = random.Random(0)
-    for target in (3, 7):  # kill somewhere after the checkpoint of this epoch appeared
+    for epoch in (3, 7):  # kill somewhere after the checkpoint of this epoch appeared
+        target = epoch * steps_per_epoch
         proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
@@ -86,18 +94,20 @@ def test_kill9_at_random_steps_then_resume_is_bitwise_identical(tmp_path, uninte
         assert not (tmp_path / "results.json").exists(), "killed run must not report results"
     subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), check=True, capture_output=True,
                    timeout=600)
-    assert _fingerprint(tmp_path) == uninterrupted
+    assert _fingerprint(tmp_path) == fingerprint
 
 
 def test_kill9_inside_a_checkpoint_save_then_resume(tmp_path, uninterrupted):
-    for kill_at in (5,):
+    fingerprint, steps_per_epoch = uninterrupted
+    for epoch in (5,):
+        kill_at = epoch * steps_per_epoch
         proc = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(KILL_IN_SAVE=str(kill_at)),
                               capture_output=True, timeout=600)
         assert proc.returncode == -signal.SIGKILL
-        assert max(_checkpoints(tmp_path)) in (kill_at - 1, kill_at)
+        assert max(_checkpoints(tmp_path)) in (kill_at - steps_per_epoch, kill_at)
     subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(), check=True, capture_output=True,
                    timeout=600)
-    assert _fingerprint(tmp_path) == uninterrupted
+    assert _fingerprint(tmp_path) == fingerprint
 
 
 def test_corrupt_latest_checkpoint_warns_and_falls_back(tmp_path):

@@ -66,7 +66,10 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, digits_set, l
     with pytest.raises(_Interrupt):
         loop.train(config, str(tmp_path / "resumed"), training_set=digits_set, method=method,
                    epoch_hook=interrupt_at_3)
-    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints"))[-1] == "2"
+    # Checkpoints are numbered by optimizer step: the last one is that of epoch 2.
+    steps_per_epoch = digits_set.num_train // config.optim.batch_size
+    saved = sorted(int(n) for n in os.listdir(tmp_path / "resumed" / "checkpoints") if n.isdigit())
+    assert saved[-1] == 2 * steps_per_epoch
     resumed, _ = loop.train(config, str(tmp_path / "resumed"), training_set=digits_set,
                             method=method)
     assert resumed["params_fingerprint"] == straight["params_fingerprint"]
@@ -135,8 +138,7 @@ def _dsink_dataset_method(config, digits_set):
         d, clean_labels=digits_set.clean_labels, steps_per_epoch=4, class_mass=mass,
         class_counts=digits_set.noisy_class_counts)
     refresh = objectives.dataset_allocation_refresh(
-        d, noise_teacher_logits=noise_logits, class_mass=mass,
-        train_images=digits_set.x_train, every_epochs=2)
+        d, noise_teacher_logits=noise_logits, class_mass=mass, every_epochs=2)
     return pipelines.build_method(config, digits_set, objective=objective), refresh
 
 

@@ -93,19 +93,18 @@ def test_dataset_mode_looks_its_targets_up_by_index():
 def test_dataset_refresh_solves_over_the_whole_set_on_its_schedule():
     noise_logits = np.asarray(2.0 * jax.random.normal(jax.random.key(4), (N, C)))
     student_logits = np.asarray(2.0 * jax.random.normal(jax.random.key(5), (N, C)))
-    images = np.zeros((N, 2, 2, 1), np.uint8)
     calls = []
 
-    def predict(state, x):
-        calls.append(x.shape)
+    def predict_train(state):
+        calls.append(state)
         return student_logits
 
     refresh = objectives.dataset_allocation_refresh(
         options(allocation="dataset"), noise_teacher_logits=noise_logits, class_mass=MASS,
-        train_images=images, every_epochs=2)
-    assert refresh(None, 1, predict) is None and not calls
-    new = refresh(None, 2, predict)
-    assert calls == [images.shape]
+        every_epochs=2)
+    assert refresh("state", 1, predict_train) is None and not calls
+    new = refresh("state", 2, predict_train)
+    assert calls == ["state"]
     expected = ot.sinkhorn_allocation(jax.nn.log_softmax(noise_logits),
                                       jax.nn.log_softmax(student_logits), MASS, num_iters=200).allocation
     np.testing.assert_allclose(new["allocation"], expected, atol=1e-6)
