@@ -2,8 +2,11 @@ r"""Family `dsink`: CE baseline, imbalance-robust f_L, noise-robust f_N, then th
 
 Arguments (after the colon): those of `baseline.py` (dataset, imbalance, profile, noise,
 noise_rate, loss = the baseline stage's loss, model, preset, seed) plus alpha (D-SINK weight,
-default 2), epsilon (default 2, the paper's), class_mass (batch | global), imbalance_loss
-(default la), noise_loss (default gce), num_iters (Sinkhorn iterations, default 50).
+default 2), epsilon (default 2, the paper's), allocation (online | dataset | batch, default
+online), class_mass_prior (label_prior | none), student_logit_adjustment (default 1),
+class_mass (batch | global, batch allocation only), imbalance_loss (default la), noise_loss
+(default ce), base_loss, init_from, num_iters (Sinkhorn iterations, default 50). The defaults
+marked "ours" in docs/method.md were chosen from the measurements in the README.
 
 Offline default, the README's main job (about 35-60 s on 2 CPU cores):
   python experiments/main.py --config=experiments/configs/dsink.py --workdir=runs/dsink_digits

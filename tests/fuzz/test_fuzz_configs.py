@@ -36,6 +36,7 @@ ARG_FIELDS = {
     "noise_loss": "dsink.noise_loss", "num_iters": "dsink.num_iters",
     "allocation": "dsink.allocation", "base_loss": "dsink.base_loss",
     "init_from": "dsink.init_from", "class_mass_prior": "dsink.class_mass_prior",
+    "student_logit_adjustment": "dsink.student_logit_adjustment",
 }
 
 # Domains the validators document, with finiteness.
