@@ -76,17 +76,12 @@ class Dataset:
     extra_labels: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        # Every source funnels through here, so shape, dtype and range checks live in one place.
-        if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}.")
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} entries, expected num_classes="
-                f"{self.num_classes}.")
+        # Every in-memory source funnels through here: shape, dtype and range checks.
+        check_labels(self.num_classes, self.class_names, self.y_train, self.y_test,
+                     self.extra_labels)
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             _check_images(x, f"x_{split}")
-            _check_labels(y, f"y_{split}", self.num_classes)
             if x.shape[0] != y.shape[0]:
                 raise ValueError(
                     f"x_{split} has {x.shape[0]} images but y_{split} has {y.shape[0]} labels; "
@@ -95,12 +90,25 @@ class Dataset:
             raise ValueError(
                 f"train images have shape {self.x_train.shape[1:]} but test images "
                 f"{self.x_test.shape[1:]}; they must match.")
-        for key, labels in self.extra_labels.items():
-            _check_labels(labels, f"extra label {key!r}", self.num_classes)
-            if labels.shape[0] != self.y_train.shape[0]:
-                raise ValueError(
-                    f"extra label array {key!r} has length {labels.shape[0]}, expected "
-                    f"len(y_train)={self.y_train.shape[0]}.")
+
+
+def check_labels(num_classes, class_names, y_train: np.ndarray, y_test: np.ndarray,
+                 extra_labels: Mapping[str, np.ndarray]) -> None:
+    """The label-side checks of every source (in memory or streamed); raises naming the field."""
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if len(class_names) != num_classes:
+        raise ValueError(
+            f"class_names has {len(class_names)} entries, expected num_classes="
+            f"{num_classes}.")
+    _check_labels(y_train, "y_train", num_classes)
+    _check_labels(y_test, "y_test", num_classes)
+    for key, labels in extra_labels.items():
+        _check_labels(labels, f"extra label {key!r}", num_classes)
+        if labels.shape[0] != y_train.shape[0]:
+            raise ValueError(
+                f"extra label array {key!r} has length {labels.shape[0]}, expected "
+                f"len(y_train)={y_train.shape[0]}.")
 
 
 def _check_images(x: np.ndarray, what: str) -> None:

@@ -34,6 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dsink_jax.data import sources
+
 # Host-side normalisation of large-image sources (the statistics of ImageNet, in [0, 1] units):
 # computing them over hundreds of thousands of images at start-up is not worth it.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,9 +75,8 @@ class StreamingDataset:
     skipped: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"class_names has {len(self.class_names)} entries, expected "
-                             f"num_classes={self.num_classes}.")
+        sources.check_labels(self.num_classes, self.class_names, self.y_train, self.y_test,
+                             self.extra_labels)
         for split in ("train", "test"):
             labels, records = getattr(self, f"y_{split}"), getattr(self, split)
             if len(records) != labels.shape[0]:
@@ -294,8 +295,6 @@ def load_tfds_streaming(name: str, *, data_dir: str | None = None) -> StreamingD
                          f"{', '.join(STREAMING_TFDS)}")
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    from dsink_jax.data.sources import DatasetNotPreparedError, _not_prepared_message
-
     splits, labels = {}, {}
     for split, tfds_split in (("train", "train"), ("test", STREAMING_TFDS[name])):
         try:
@@ -312,7 +311,8 @@ def load_tfds_streaming(name: str, *, data_dir: str | None = None) -> StreamingD
                                              download=False)
             labels[split] = _labels_of(splits[split])
         except Exception as err:  # pylint: disable=broad-except
-            raise DatasetNotPreparedError(_not_prepared_message(name, str(data_dir), err)) from err
+            raise sources.DatasetNotPreparedError(
+                sources._not_prepared_message(name, str(data_dir), err)) from err  # pylint: disable=protected-access
     label_feature = splits["train"].dataset_info.features["label"]
     num_classes = int(label_feature.num_classes)
     for split, y in labels.items():

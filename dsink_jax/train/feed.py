@@ -74,41 +74,42 @@ class InMemoryFeed:
             put=functools.partial(parallel.global_batch, mesh=self.mesh))
 
 
-class _TrainingRecords:
-    """The kept training records with their given (noisy) labels and training-set indices."""
+class _Records:
+    """Records of a streaming source with their labels, as grain reads them.
 
-    def __init__(self, ts: TrainingSet):
-        self.source = ts.stream.train
-        self.raw = np.asarray(ts.train_indices, np.int64)
-        self.labels = np.asarray(ts.noisy_labels, np.int32)
-        digest = hashlib.sha256(self.raw.tobytes() + self.labels.tobytes()).hexdigest()[:16]
-        # grain checks a restored iterator's source by its repr: the same records and labels.
-        self._repr = f"_TrainingRecords({ts.source}, n={len(self.raw)}, digest={digest})"
+    `indices` (optional) maps record k to the source's record `indices[k]` (the kept training
+    records); each item is the source's record plus its "label" and its position "index".
+    `name` is the repr, which grain compares when it restores an iterator: it must identify the
+    records and labels.
+    """
 
-    def __repr__(self) -> str:
-        return self._repr
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.source[int(self.raw[index])]
-        return {**record, "label": self.labels[index], "index": np.int32(index)}
-
-
-class _TestRecords:
-    def __init__(self, ts: TrainingSet):
-        self.source, self.labels = ts.stream.test, np.asarray(ts.y_test, np.int32)
-        self._repr = f"_TestRecords({ts.source}, n={len(self.labels)})"
+    def __init__(self, source, labels: np.ndarray, *, name: str, indices=None):
+        self.source, self.labels, self._repr = source, np.asarray(labels, np.int32), name
+        self.indices = None if indices is None else np.asarray(indices, np.int64)
 
     def __repr__(self) -> str:
         return self._repr
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.source[index], "label": self.labels[index], "index": np.int32(index)}
+        raw = index if self.indices is None else int(self.indices[index])
+        return {**self.source[raw], "label": self.labels[index], "index": np.int32(index)}
+
+
+def _training_records(ts: TrainingSet) -> _Records:
+    """The kept training records with their given (noisy) labels."""
+    raw = np.asarray(ts.train_indices, np.int64)
+    labels = np.asarray(ts.noisy_labels, np.int32)
+    digest = hashlib.sha256(raw.tobytes() + labels.tobytes()).hexdigest()[:16]
+    return _Records(ts.stream.train, labels, indices=raw,
+                    name=f"_TrainingRecords({ts.source}, n={len(raw)}, digest={digest})")
+
+
+def _test_records(ts: TrainingSet) -> _Records:
+    return _Records(ts.stream.test, ts.y_test, name=f"_TestRecords({ts.source}, "
+                                                     f"n={len(ts.y_test)})")
 
 
 def _slice_position(i: int, *, num_processes: int, num_workers: int, local_batch: int,
@@ -260,7 +261,7 @@ class StreamingFeed:
         self.eval_batch_size = eval_batch_size
         self._shard = grain.ShardOptions(self.process, self.num_processes)
         self.loader = grain.DataLoader(
-            data_source=_TrainingRecords(training_set),
+            data_source=_training_records(training_set),
             sampler=_TrainSampler(num_train=self.num_train, batch_size=batch_size, seed=seed,
                                   num_processes=self.num_processes, num_workers=workers),
             operations=[_train_transform(image_size, num_views),
@@ -292,7 +293,7 @@ class StreamingFeed:
         """`predict_fn(state, uint8 images) -> [b, ...]` over "test" or "train" (unaugmented,
         centre-cropped), in record order."""
         grain = _ready_grain()
-        records = _TestRecords(self.ts) if split == "test" else _TrainingRecords(self.ts)
+        records = _test_records(self.ts) if split == "test" else _training_records(self.ts)
         loader = grain.DataLoader(
             data_source=records,
             sampler=_EvalSampler(num_records=len(records), batch_size=self.eval_batch_size,

@@ -70,8 +70,8 @@ MULTI_HOST = textwrap.dedent("""
     import sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    process_id, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+    process_id, processes, port, workdir = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:5]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=processes,
                                process_id=process_id)
     assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
     import numpy as np
@@ -106,22 +106,12 @@ SINGLE = textwrap.dedent("""
 
 def test_two_processes_match_one_process(tmp_path):
     """Multi-host on one machine: 2 processes x 2 CPU devices (gloo) vs 1 process, 1 device."""
-    import socket
-
     import numpy as np
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    from tests.multiprocess import run_processes
+
     multi = tmp_path / "multi"
-    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, str(i), port, str(multi)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
+    run_processes(MULTI_HOST, 2, multi, devices=2)
     single = tmp_path / "single"
     single.mkdir()
     proc = subprocess.run([sys.executable, "-c", SINGLE, str(single)], capture_output=True,

@@ -3,9 +3,7 @@ and train the model of 1 process; kill -9 mid-epoch, then the same command, is b
 
 import json
 import os
-import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,14 +13,13 @@ import numpy as np
 import pytest
 
 from tests.data.test_streaming import write_tree
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.multiprocess import ROOT, run_processes
 
 TRAIN = textwrap.dedent("""
     import json, sys
     import jax
-    process_id, processes, port, tree, workdir = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3],
-                                                  sys.argv[4], sys.argv[5])
+    process_id, processes, port, tree, workdir = (int(sys.argv[1]), int(sys.argv[2]),
+                                                  *sys.argv[3:6])
     if processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
@@ -59,26 +56,11 @@ def tree(tmp_path_factory):
     return write_tree(tmp_path_factory.mktemp("stream_tree"), num_train=96, num_test=24)
 
 
-def _run(processes, tree, workdir, devices):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", TRAIN, str(i), str(processes), port, tree,
-                               str(workdir)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-4000:]
-
-
 def test_two_hosts_read_disjoint_shards_covering_each_epoch_and_match_one_process(tree,
                                                                                   tmp_path):
     from dsink_jax.data import epoch_batches
-    _run(2, tree, tmp_path / "multi", devices=2)
-    _run(1, tree, tmp_path / "single", devices=1)
+    run_processes(TRAIN, 2, tree, tmp_path / "multi", devices=2)
+    run_processes(TRAIN, 1, tree, tmp_path / "single", devices=1)
     seen = [json.loads((tmp_path / "multi" / f"seen_{i}.json").read_text()) for i in range(2)]
     num_train, steps = seen[0]["num_train"], seen[0]["steps"]
     steps_per_epoch = num_train // 8
@@ -132,3 +114,35 @@ def test_kill9_mid_epoch_then_the_same_command_gives_identical_parameters(tree, 
     fingerprint = lambda w: json.loads((w / "ce" / "results.json").read_text())[
         "params_fingerprint"]
     assert fingerprint(killed) == fingerprint(straight)
+
+
+def test_a_killed_loader_worker_stops_the_run_instead_of_hanging(tree, tmp_path):
+    """kill -9 of a grain worker mid-training: the run exits non-zero, naming the worker crash,
+    within seconds, and the same command resumes from the latest checkpoint."""
+    command = [sys.executable, "experiments/main.py",
+               f"--config=experiments/configs/baseline.py:dataset=filelist:{tree},preset=smoke",
+               "--config.optim.epochs=400", "--config.optim.batch_size=8",
+               "--config.checkpoint_every_steps=3", "--config.input.workers=2",
+               f"--workdir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "run" / "ce" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            checkpoints.exists() and any(n.isdigit() for n in os.listdir(checkpoints))):
+        time.sleep(0.1)
+    # The training loader's workers: the first multiprocessing children the run spawned.
+    workers = sorted(int(pid) for pid in subprocess.run(
+        ["pgrep", "-P", str(proc.pid), "-f", "spawn_main"], capture_output=True,
+        text=True).stdout.split())
+    assert proc.poll() is None and workers, "the run should be training with 2 workers"
+    os.kill(workers[0], signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the run hung after a loader worker was killed")
+    assert proc.returncode != 0 and time.time() - killed_at < 120
+    assert "Worker process was terminated unexpectedly" in err, err[-3000:]
+    assert not (tmp_path / "run" / "ce" / "results.json").exists()

@@ -1,0 +1,41 @@
+"""Launching JAX processes from tests: `python -c SCRIPT PROCESS_ID NUM_PROCESSES PORT ARGS...`.
+
+The multi-host tests run P processes of one script on this machine, each with forced CPU host
+devices, joined through a coordinator on a free loopback port (gloo collectives).
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_processes(script: str, num_processes: int, *args, devices: int, timeout: int = 600):
+    """Runs `num_processes` copies of `script` to the end; asserts each exits with 0.
+
+    The script reads `sys.argv[1:4]` = process id, process count, coordinator port, then `args`.
+    """
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(num_processes), port,
+                               *map(str, args)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
