@@ -112,8 +112,9 @@ def mean_std(values: list) -> str:
 def stage_key(record: dict) -> str:
     if record["name"] == "student":
         d = record.get("dsink") or {}
+        noise = (record.get("teacher_losses") or {}).get("noise_teacher", d.get("noise_loss"))
         return (f"student {record.get('variant') or ''} (f_L {d.get('imbalance_loss')}, "
-                f"f_N {d.get('noise_loss')})").replace("  ", " ")
+                f"f_N {noise})").replace("  ", " ")
     return f"{record['name']} ({record['loss']})"
 
 

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dsink_jax import configs, data, models, pipelines
+from dsink_jax import configs, data, pipelines
 from dsink_jax.train import feed as feed_lib
 from dsink_jax.train import parallel
 from dsink_jax.train import step as step_lib

@@ -46,7 +46,7 @@ import numpy as np
 # Runnable without installing the package: `python benchmarks/step_cost.py`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsink_jax import configs, pipelines  # noqa: E402
+from dsink_jax import pipelines  # noqa: E402
 from dsink_jax import data as data_lib  # noqa: E402
 from dsink_jax.ot.sinkhorn import sinkhorn_allocation  # noqa: E402
 from dsink_jax.train import step as step_lib  # noqa: E402
@@ -113,7 +113,9 @@ def build_dsink_methods(config, training_set, rng, class_mass=None):
     sample = training_set.x_train[:1]
     ce_method = pipelines.build_method(config, training_set, loss=d.baseline_loss)
     models, variables = [], []
-    for i, loss in enumerate((d.noise_loss, d.imbalance_loss)):  # the order run_dsink passes
+    losses = pipelines.dsink.teacher_losses(config)
+    for i, role in enumerate(("noise_teacher", "imbalance_teacher")):  # run_dsink's order
+        loss = losses[role]
         method = pipelines.build_method(config, training_set, loss=loss)
         models.append(method.model)
         variables.append(step_lib.init_state(method, jax.random.fold_in(rng, i), sample).variables)

@@ -45,7 +45,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dsink_jax import configs, pipelines  # noqa: E402
+from dsink_jax import pipelines  # noqa: E402
 from dsink_jax.train import step as step_lib  # noqa: E402
 from step_cost import (build_dsink_methods, check_positive, fixed_batch,  # noqa: E402
                        machine_line, paired_ratio, spread, stepper, synthetic_training_set,

@@ -19,8 +19,8 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_processes(script: str, num_processes: int, *args, devices: int, timeout: int = 600):
-    """Runs `num_processes` copies of `script` to the end; asserts each exits with 0.
+def start_processes(script: str, num_processes: int, *args, devices: int) -> list:
+    """Starts `num_processes` copies of `script` on CPU with `devices` forced host devices.
 
     The script reads `sys.argv[1:4]` = process id, process count, coordinator port, then `args`.
     """
@@ -28,9 +28,13 @@ def run_processes(script: str, num_processes: int, *args, devices: int, timeout:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i), str(num_processes), port,
-                               *map(str, args)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
+    return [subprocess.Popen([sys.executable, "-c", script, str(i), str(num_processes), port,
+                              *map(str, args)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(num_processes)]
+
+
+def wait_all(procs: list, timeout: int = 600) -> None:
+    """Waits for every process; asserts each exits with 0 (a hung one is killed)."""
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]
     finally:
@@ -39,3 +43,8 @@ def run_processes(script: str, num_processes: int, *args, devices: int, timeout:
                 p.kill()
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]
+
+
+def run_processes(script: str, num_processes: int, *args, devices: int, timeout: int = 600):
+    """`start_processes`, then `wait_all`."""
+    wait_all(start_processes(script, num_processes, *args, devices=devices), timeout)

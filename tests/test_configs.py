@@ -73,6 +73,8 @@ def dsink(**kw):
 @pytest.mark.parametrize("field,value,message", [
     ("allocation", "global", "dsink.allocation='global'; allowed: batch, dataset, online"),
     ("base_loss", "gce", "dsink.base_loss='gce'; allowed: ce, la, none"),
+    ("backend", "pot", "dsink.backend='pot'; allowed: native, ott"),
+    ("sinkhorn_mode", "scaling", "dsink.sinkhorn_mode='scaling'; allowed: auto, log, kernel"),
     ("baseline_loss", "focal", "dsink.baseline_loss='focal'; allowed: ce, .*, none"),
     ("init_from", "ce", "dsink.init_from='ce'; allowed: scratch, imbalance_teacher"),
     ("inference", "balanced", "dsink.inference='balanced'; allowed: raw, label_prior"),
@@ -83,7 +85,7 @@ def dsink(**kw):
     ("stage_name", "a/b", "dsink.stage_name='a/b' must be a plain directory name"),
 ])
 def test_dsink_validation_names_bad_value(field, value, message):
-    config = dsink()
+    config = dsink(allocation="batch")  # the mode in which inference=class_mass has no prior
     config.dsink[field] = value
     configs.validate_config(config)
     with pytest.raises(configs.ConfigError, match=message):

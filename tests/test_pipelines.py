@@ -188,6 +188,26 @@ def test_bad_dsink_options_fail_before_training(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_auto_noise_teacher_follows_the_final_schedule(tmp_path):
+    """noise_loss="auto": CE up to AUTO_CE_MAX_EPOCHS epochs, GCE beyond, read from the final
+    config (an `--config.optim.epochs` override counts); a loss name is used as given."""
+    limit = pipelines.dsink.AUTO_CE_MAX_EPOCHS
+    config = dsink_smoke_config()
+    assert config.dsink.noise_loss == "auto"
+    losses = lambda c: pipelines.dsink.teacher_losses(c)["noise_teacher"]
+    config.optim.epochs = limit
+    assert losses(config) == "ce"
+    config.optim.epochs = limit + 1
+    assert losses(config) == "gce"
+    config.dsink.noise_loss = "sce"
+    assert losses(config) == "sce"
+    config.dsink.baseline_loss = "none"
+    assert set(pipelines.dsink.teacher_losses(config)) == {"imbalance_teacher", "noise_teacher"}
+    config.dsink.noise_loss = "robust"
+    with pytest.raises(configs.ConfigError, match="dsink.noise_loss='robust'; allowed: auto, "):
+        pipelines.run(config, str(tmp_path))
+
+
 def test_ot_softmax_family_trains_end_to_end(tmp_path):
     from dsink_jax.models import classifier_weights
     from dsink_jax.ot import cell_masses, sample_unit_sphere

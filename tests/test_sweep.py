@@ -13,7 +13,10 @@ from dsink_jax.train.objectives import make_dsink_objective
 
 @pytest.fixture(scope="module")
 def setup():
-    config = pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, preset="smoke"))
+    # The per-batch allocation: both teachers run inside the members' program.
+    config = pipelines.dsink.build_config(dict(
+        pipelines.dsink.ARGS, preset="smoke", allocation="batch", class_mass_prior="none",
+        student_logit_adjustment=0.0))
     training_set = pipelines.prepare_training_set(config)
     teacher = pipelines.common.make_model(config, training_set.num_classes)
     teacher_vars = teacher.init(jax.random.PRNGKey(7), np.zeros((1, 8, 8, 1), np.float32))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsink_jax.ot.sinkhorn import (_is_concrete, _validate_options, check_where,
+from dsink_jax.ot.sinkhorn import (SINKHORN_MODES, _is_concrete, _validate_options, check_where,
                                    sinkhorn_allocation)
 
 __all__ = ["BASE_LOSSES", "DSinkAux", "DistillationTerms", "REDUCTIONS", "dsink_loss",
@@ -109,7 +109,8 @@ def _check_logits(name, logits, expected_shape):
 
 def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
               labels, alpha, epsilon, class_mass, num_iters, backend,
-              base_loss, label_prior=None, where=None, reduction="mean"):
+              base_loss, label_prior=None, where=None, reduction="mean",
+              sinkhorn_mode="auto"):
     """Raises ValueError/TypeError before any computation (trace time)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; allowed values: {REDUCTIONS}.")
@@ -153,9 +154,11 @@ def _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
                 raise ValueError(
                     f"labels range over [{values.min()}, {values.max()}]; allowed "
                     f"range: [0, {shape[1] - 1}].")
+    if not isinstance(sinkhorn_mode, str) or sinkhorn_mode not in SINKHORN_MODES:
+        raise ValueError(f"sinkhorn_mode={sinkhorn_mode!r}; allowed values: {SINKHORN_MODES}.")
     # Here, not only inside the solver: there epsilon and class_mass are
     # already traced by _dsink_loss's jit and their values cannot be checked.
-    _validate_options(shape[1], class_mass, epsilon, num_iters, backend)
+    _validate_options(shape[1], class_mass, epsilon, num_iters, backend, sinkhorn_mode)
     check_where(where, shape[0])
     if jnp.shape(alpha) != ():
         raise ValueError(f"alpha has shape {jnp.shape(alpha)}; expected a scalar.")
@@ -182,6 +185,7 @@ def dsink_loss(
     la_tau: float = 1.0,
     where: jax.Array | None = None,
     reduction: str = "mean",
+    sinkhorn_mode: str = "auto",
 ) -> tuple[jax.Array, DSinkAux]:
     """D-SINK loss of one batch: base + alpha * soft CE to the allocation Q.
 
@@ -214,6 +218,8 @@ def dsink_loss(
       where: optional [B] bool mask of the valid rows.
       reduction: "mean" (the loss is the mean of ``aux.per_example`` over the
         valid rows) or "none" (the loss is ``aux.per_example`` itself, optax style).
+      sinkhorn_mode: the solve's ``mode``, "auto" (scaling domain where safe, else log
+        domain), "log" or "kernel"; see :func:`~dsink_jax.ot.sinkhorn_allocation`.
 
     Returns:
       ``(loss, aux)``: ``loss`` [] (or [B] with ``reduction="none"``) and a
@@ -224,13 +230,13 @@ def dsink_loss(
     """
     _validate(student_logits, noise_teacher_logits, imbalance_teacher_logits,
               labels, alpha, epsilon, class_mass, num_iters, backend, base_loss,
-              label_prior, where, reduction)
+              label_prior, where, reduction, sinkhorn_mode)
     valid = (jnp.ones(jnp.shape(student_logits)[:1], bool) if where is None
              else jnp.asarray(where))
     aux = _dsink_loss(student_logits, noise_teacher_logits,
                       imbalance_teacher_logits, labels, alpha, epsilon,
                       class_mass, label_prior, la_tau, valid, num_iters=num_iters,
-                      backend=backend, base_loss=base_loss)
+                      backend=backend, base_loss=base_loss, sinkhorn_mode=sinkhorn_mode)
     if reduction == "none":
         return aux.per_example, aux
     return jnp.sum(aux.per_example) / jnp.sum(valid), aux
@@ -240,10 +246,11 @@ def dsink_loss(
 # than dispatching op by op; inlined under an outer jit. None arguments are
 # empty pytrees, so batch/global mode and labels=None each trace separately.
 @functools.partial(jax.jit,
-                   static_argnames=("num_iters", "backend", "base_loss"))
+                   static_argnames=("num_iters", "backend", "base_loss", "sinkhorn_mode"))
 def _dsink_loss(student_logits, noise_teacher_logits,
                 imbalance_teacher_logits, labels, alpha, epsilon, class_mass,
-                label_prior, la_tau, valid, *, num_iters, backend, base_loss):
+                label_prior, la_tau, valid, *, num_iters, backend, base_loss,
+                sinkhorn_mode="auto"):
     """The computation of :func:`dsink_loss`, on validated inputs: its DSinkAux."""
     student_logits = jnp.asarray(student_logits).astype(jnp.float32)
     noise_log_probs = jax.nn.log_softmax(
@@ -258,7 +265,7 @@ def _dsink_loss(student_logits, noise_teacher_logits,
 
     solved = sinkhorn_allocation(
         noise_log_probs, student_log_probs, class_mass, epsilon=epsilon,
-        num_iters=num_iters, backend=backend, where=valid)
+        num_iters=num_iters, backend=backend, where=valid, mode=sinkhorn_mode)
     terms = distillation_terms(student_logits, solved.allocation, labels, alpha=alpha,
                                base_loss=base_loss, label_prior=label_prior,
                                la_tau=la_tau, where=valid)

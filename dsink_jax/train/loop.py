@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -208,9 +208,10 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     when present (a vmapped sweep stores one value per member there), else from `options`.
 
     Args:
-      options: `config.dsink`: alpha, epsilon, num_iters, backend, base_loss, allocation,
-        potential_learning_rate, alpha_warmup_epochs (alpha ramps linearly from 0 over these
-        epochs; 0 = off), student_logit_adjustment, class_mass_prior (for f_L's batch mass).
+      options: `config.dsink`: alpha, epsilon, num_iters, backend, sinkhorn_mode, base_loss,
+        allocation, potential_learning_rate, alpha_warmup_epochs (alpha ramps linearly from 0
+        over these epochs; 0 = off), student_logit_adjustment, class_mass_prior (for f_L's
+        batch mass).
       clean_labels: int [N] true training labels, only for the diagnostics "allocation_accuracy"
         (argmax q_i equals the clean label) and "allocation_correction" (the same, among
         mislabelled samples); they never enter the loss.
@@ -240,6 +241,7 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
                                   if class_counts is not None else 0.0, jnp.float32)
     warmup_steps = float(options.alpha_warmup_epochs) * steps_per_epoch
     num_iters, backend, base = int(options.num_iters), str(options.backend), str(options.base_loss)
+    sinkhorn_mode = str(options.sinkhorn_mode)
     tau = float(options.student_logit_adjustment)
     if (tau or base == "la") and class_counts is None:
         raise ValueError("student_logit_adjustment and base_loss='la' need class_counts")
@@ -266,7 +268,7 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
             _, aux = dsink_loss(logits, noise_logits, imbalance_logits, labels, alpha=alpha,
                                 epsilon=epsilon, class_mass=mass, num_iters=num_iters,
                                 backend=backend, base_loss=base, label_prior=prior,
-                                la_tau=la_tau)
+                                la_tau=la_tau, sinkhorn_mode=sinkhorn_mode)
             diagnostics["marginal_error"] = aux.marginal_error
         else:
             if allocation == "online":
@@ -328,7 +330,8 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
     of the state alone, so a resumed run recomputes exactly the same table.
 
     Args:
-      options: `config.dsink` (epsilon, num_iters, student_logit_adjustment).
+      options: `config.dsink` (epsilon, num_iters, backend, sinkhorn_mode,
+        student_logit_adjustment).
       noise_teacher_logits: float [N, C] f_N's logits on the unaugmented training images.
       class_mass: [C] f_L's class mass over the training set.
       class_counts: [C] given-label counts (for `student_logit_adjustment`).
@@ -343,17 +346,21 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
     tau = float(options.student_logit_adjustment)
     shift = 0.0
     if tau:
+        if class_counts is None:
+            raise ValueError(f"student_logit_adjustment={tau} needs class_counts (the given-label "
+                             "counts); got class_counts=None")
         counts = np.maximum(np.asarray(class_counts), 1)
         shift = tau * np.log(counts / counts.sum()).astype(np.float32)
     epsilon, num_iters = float(options.epsilon), int(options.num_iters)
-    backend = str(options.backend)
+    backend, sinkhorn_mode = str(options.backend), str(options.sinkhorn_mode)
 
     def refresh(state, epoch: int, predict_train):
         if epoch % every_epochs:
             return None
         student = jax.nn.log_softmax(jnp.asarray(predict_train(state)) + shift)
         solved = ot.sinkhorn_allocation(noise_log_probs, student, mass, epsilon=epsilon,
-                                        num_iters=num_iters, backend=backend)
+                                        num_iters=num_iters, backend=backend,
+                                        mode=sinkhorn_mode)
         return {"allocation": np.asarray(solved.allocation, np.float32)}
 
     return refresh

@@ -133,6 +133,32 @@ def test_the_streaming_feed_serves_the_in_memory_order(tree, workers):
     assert logits.shape == (40, 2)
 
 
+def test_a_killed_decoding_worker_stops_the_stream_instead_of_hanging(tree):
+    """kill -9 of a grain worker mid-epoch: the next batches raise (the training loop does not
+    catch it, so the run stops with this error) within seconds, instead of waiting forever."""
+    import signal
+    import subprocess
+    import time
+
+    ds = data.load_dataset(f"filelist:{tree}")
+    ts = data.make_training_set(ds, seed=0, image_size=16)
+    feed = feed_lib.StreamingFeed(ts, parallel.make_mesh(0), batch_size=8, seed=0,
+                                  image_size=16, workers=2, eval_batch_size=8)
+    children = lambda: set(subprocess.run(["pgrep", "-P", str(os.getpid()), "-f", "spawn_main"],
+                                          capture_output=True, text=True).stdout.split())
+    before = children()
+    stream = (batch for epoch in range(100) for batch in feed.epoch(epoch))
+    next(stream)
+    workers = children() - before
+    assert len(workers) == 2, workers
+    os.kill(int(min(workers, key=int)), signal.SIGKILL)
+    killed_at = time.time()
+    with pytest.raises(RuntimeError, match="Worker process was terminated unexpectedly"):
+        while time.time() - killed_at < 60:  # a hang would never raise
+            next(stream)
+    assert time.time() - killed_at < 60
+
+
 def test_a_restored_iterator_continues_the_same_stream(tree):
     ds = data.load_dataset(f"filelist:{tree}")
     ts = data.make_training_set(ds, seed=0, image_size=16)

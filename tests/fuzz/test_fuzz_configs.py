@@ -113,7 +113,7 @@ _NAMES = {
     "dataset": list(configs.DATASET_ALIASES) + ["npz:/tmp/x.npz", "tfds:cifar10", "mnist"],
     "profile": list(LONG_TAIL_PROFILES), "noise": list(NOISE_KINDS),
     "loss": list(LOSS_NAMES), "imbalance_loss": list(LOSS_NAMES),
-    "noise_loss": list(LOSS_NAMES), "model": list(MODEL_NAMES) + [""],
+    "noise_loss": list(LOSS_NAMES) + ["auto"], "model": list(MODEL_NAMES) + [""],
     "preset": list(tuple(configs.PRESETS)), "class_mass": list(CLASS_MASS_MODES),
     "allocation": list(ALLOCATIONS), "base_loss": list(BASE_LOSSES),
     "init_from": list(pipelines.dsink.INIT_FROM), "class_mass_prior": list(CLASS_MASS_PRIORS),
@@ -167,7 +167,8 @@ def test_arg_string_gives_valid_locked_config_or_config_error(arg):
     logits = np.zeros((1, 2), np.float32)
     loss, aux = dsink_loss(logits, logits, logits, np.zeros(1, np.int32),
                            alpha=config.dsink.alpha, epsilon=config.dsink.epsilon,
-                           num_iters=1, backend=config.dsink.backend)
+                           num_iters=1, backend=config.dsink.backend,
+                           sinkhorn_mode=config.dsink.sinkhorn_mode)
     assert np.isfinite(loss) and bool(aux.finite)
 
 

@@ -184,6 +184,27 @@ def test_ott_backend_matches_native_under_jit():
     np.testing.assert_allclose(loss_n, loss_o, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["native", "ott"])
+def test_sinkhorn_mode_reaches_the_solver(backend):
+    # A batch whose class-2 kernel column underflows at epsilon 2 (f_N's logit -2e4 there):
+    # "auto" falls back to the log domain (the "log" loss exactly), a forced "kernel" solve
+    # fails its check and the loss says so through `finite`.
+    student, noise_teacher, imbalance_teacher, labels = _batch(13)
+    noise_teacher = noise_teacher.at[:, 2].set(-2e4)
+    losses = {mode: dsink_loss(student, noise_teacher, imbalance_teacher, labels, alpha=1.0,
+                               num_iters=ITERS, backend=backend, sinkhorn_mode=mode)
+              for mode in ("auto", "log", "kernel")}
+    np.testing.assert_array_equal(losses["auto"][0], losses["log"][0])
+    np.testing.assert_array_equal(losses["auto"][1].allocation, losses["log"][1].allocation)
+    assert bool(losses["auto"][1].finite) and bool(losses["log"][1].finite)
+    assert not bool(losses["kernel"][1].finite)
+    # On an ordinary batch the two domains give the same loss.
+    batch = _batch(14)
+    kernel, log = (dsink_loss(*batch, alpha=1.0, num_iters=ITERS, backend=backend,
+                              sinkhorn_mode=mode)[0] for mode in ("kernel", "log"))
+    np.testing.assert_allclose(kernel, log, rtol=1e-6)
+
+
 def test_no_retracing_across_steps():
     chex.clear_trace_counter()
 
@@ -265,6 +286,8 @@ def test_batch_sharded_over_devices_matches_single_device():
         ({"alpha": 1.0, "epsilon": 0.0}, ValueError, r"epsilon=0.0"),
         ({"alpha": 1.0, "num_iters": 0}, ValueError, r"num_iters=0"),
         ({"alpha": 1.0, "backend": "pot"}, ValueError, r"backend='pot'"),
+        ({"alpha": 1.0, "sinkhorn_mode": "scaling"}, ValueError,
+         r"sinkhorn_mode='scaling'; allowed values: \('auto', 'log', 'kernel'\)"),
         ({"alpha": 1.0, "base_loss": "gce"}, ValueError,
          r"base_loss='gce'.*'ce', 'la', 'none'"),
         ({"alpha": 1.0, "base_loss": "la"}, ValueError, r"base_loss='la' needs label_prior"),

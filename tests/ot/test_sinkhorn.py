@@ -8,7 +8,8 @@ import pytest
 import scipy.optimize
 import scipy.special
 
-from dsink_jax.ot.sinkhorn import (SinkhornOutput, allocation_from_potential, class_potential_step,
+from dsink_jax.ot.sinkhorn import (KERNEL_LOG_FLOOR, SINKHORN_MODES, SinkhornOutput,
+                                   allocation_from_potential, class_potential_step,
                                    sinkhorn_allocation)
 
 BACKENDS = ("native", "ott")
@@ -276,6 +277,9 @@ def test_vmap_over_epsilon_equals_loop(backend):
         ({"num_iters": 2.5}, TypeError, r"num_iters=2.5"),
         ({"num_iters": True}, TypeError, r"num_iters=True"),
         ({"backend": "pot"}, ValueError, r"backend='pot'.*native.*ott"),
+        ({"mode": "scaling"}, ValueError,
+         r"mode='scaling'; allowed values: \('auto', 'log', 'kernel'\)"),
+        ({"mode": None}, ValueError, r"mode=None; allowed values"),
     ],
 )
 def test_bad_options_raise(kwargs, error, match):
@@ -432,3 +436,196 @@ def test_potential_step_ignores_masked_rows():
     masked = class_potential_step(jnp.zeros(4), padded, mass, learning_rate=0.5,
                                   where=jnp.arange(12) < 8)
     np.testing.assert_allclose(masked, step, atol=1e-6)
+
+
+# --------------------------------------------------------- solve modes: kernel, log and auto
+
+def _solve_all_modes(noise, student, mass, **kwargs):
+    return {mode: sinkhorn_allocation(noise, student, mass, mode=mode, **kwargs)
+            for mode in SINKHORN_MODES}
+
+
+def _guard_column_max(noise, student, epsilon, where=None):
+    """Independent of the code under test: min over classes of the best row-shifted score."""
+    scores = (np.asarray(noise, np.float64) + np.asarray(student, np.float64)) / epsilon
+    if where is not None:
+        scores = scores[np.asarray(where)]
+    return (scores - scores.max(axis=1, keepdims=True)).max(axis=0).min()
+
+
+def _underflowing_column_problem():
+    """16 x 4, epsilon 2: class 2's kernel column exp(~-5e3) underflows in every row."""
+    noise, student, mass = _problem(47, batch_size=16, num_classes=4)
+    return noise.at[:, 2].set(-1e4), student, mass
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_iters", [1, 7, 300])
+def test_kernel_mode_performs_the_log_domain_iterations(backend, num_iters):
+    # Same iterations from the same start, g up to a constant (removed by the centring): the
+    # same Q at every iteration count, not only after convergence.
+    for seed, (batch_size, num_classes) in enumerate([(64, 10), (200, 50)]):
+        noise, student, mass = _problem(40 + seed, batch_size, num_classes, scale=3.0)
+        assert _guard_column_max(noise, student, 2.0) > -KERNEL_LOG_FLOOR  # well conditioned
+        solved = _solve_all_modes(noise, student, mass, epsilon=2.0, num_iters=num_iters,
+                                  backend=backend)
+        for mode in ("kernel", "auto"):
+            np.testing.assert_allclose(solved[mode].allocation, solved["log"].allocation,
+                                       atol=2e-6)
+            np.testing.assert_allclose(solved[mode].potential, solved["log"].potential,
+                                       atol=2e-5)
+            np.testing.assert_allclose(solved[mode].column_error, solved["log"].column_error,
+                                       atol=1e-6)
+            np.testing.assert_allclose(solved[mode].allocation.sum(1), 1.0, atol=1e-5)
+    if num_iters == 300:
+        assert float(solved["kernel"].column_error) < 1e-5  # converged, not just equal
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_mode_pot_oracle(backend):
+    noise, student, mass = _problem(42, batch_size=64, num_classes=10, scale=3.0)
+    cost = -(np.asarray(noise, np.float64) + np.asarray(student, np.float64))
+    plan = pot.sinkhorn(np.full(64, 1 / 64), np.asarray(mass, np.float64), cost, reg=2.0,
+                        numItermax=10000, stopThr=1e-12, warn=False)
+    for mode in ("kernel", "auto"):
+        q = sinkhorn_allocation(noise, student, mass, epsilon=2.0, num_iters=500,
+                                backend=backend, mode=mode).allocation
+        np.testing.assert_allclose(q, 64 * plan, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_iters", [1, 300])
+def test_kernel_mode_padded_rows_masked_out_leave_the_other_rows_unchanged(backend, num_iters):
+    noise, student, mass = _problem(43, batch_size=10, num_classes=4)
+    # Padding is garbage: rows far above every real row (were they counted in the initial row
+    # scaling, the real rows would start clamped and iteration 1 would differ) and rows far
+    # below (were they counted in the row shift or the kernel, the columns would change).
+    junk = jnp.concatenate([jnp.full((3, 4), 100.0), jnp.full((3, 4), -1e4).at[:, 1].set(0.0)])
+    where = jnp.arange(16) < 10
+    alone = sinkhorn_allocation(noise, student, mass, num_iters=num_iters, backend=backend,
+                                mode="log")
+    for mode in ("kernel", "auto"):
+        masked = sinkhorn_allocation(jnp.concatenate([noise, junk]),
+                                     jnp.concatenate([student, junk[::-1]]), mass,
+                                     num_iters=num_iters, backend=backend, where=where,
+                                     mode=mode)
+        np.testing.assert_allclose(masked.allocation[:10], alone.allocation, atol=2e-6)
+        np.testing.assert_array_equal(masked.allocation[10:], 0.0)
+        np.testing.assert_allclose(masked.potential, alone.potential, atol=2e-5)
+        np.testing.assert_allclose(masked.column_error, alone.column_error, atol=1e-6)
+        np.testing.assert_allclose(masked.row_error, alone.row_error, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["column_underflows", "tiny_epsilon"])
+def test_auto_falls_back_to_log_where_a_kernel_column_underflows(backend, case):
+    if case == "column_underflows":
+        (noise, student, mass), epsilon = _underflowing_column_problem(), 2.0
+    else:
+        noise, student, mass = _problem(44, batch_size=16, num_classes=4)
+        # Class 3 is nobody's best class, by at least 0.5: at epsilon 1e-3 its best shifted
+        # score is <= -500.
+        noise = noise.at[:, 3].set(jnp.min(noise + student, axis=1) - 0.5 - student[:, 3])
+        epsilon = 1e-3
+    assert _guard_column_max(noise, student, epsilon) < -KERNEL_LOG_FLOOR  # the guard refuses
+    solved = _solve_all_modes(noise, student, mass, epsilon=epsilon, num_iters=50,
+                              backend=backend)
+    # "auto" ran the log-domain solve: exactly its result, finite.
+    for field in SinkhornOutput._fields:
+        np.testing.assert_array_equal(getattr(solved["auto"], field),
+                                      getattr(solved["log"], field), err_msg=field)
+    assert np.all(np.isfinite(solved["auto"].allocation))
+    assert np.all(np.isfinite(solved["auto"].potential))
+    np.testing.assert_allclose(solved["auto"].allocation.sum(1), 1.0, atol=1e-5)
+    # The forced kernel solve overflows; its check turns every field to NaN (not a wrong Q).
+    for field in SinkhornOutput._fields:
+        assert np.all(np.isnan(getattr(solved["kernel"], field))), field
+
+
+def _overflowing_past_the_guard_problem():
+    """8 x 3, epsilon 2: every class has a kernel entry of 1 (the guard passes), but class 0
+    has mass 1e-25 and rows 0-3 are ~40 nats closer to it than to the others: in the scaling
+    domain class 0's scaling underflows, while the log domain solves it."""
+    logits = np.random.default_rng(0).normal(size=(8, 3))
+    logits[:4, 0] += 40.0
+    noise = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    mass = np.array([1e-25, 0.5, 0.5])
+    return noise, noise, jnp.asarray(mass / mass.sum(), jnp.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_falls_back_to_log_when_the_kernel_solve_fails_past_the_guard(backend):
+    noise, student, mass = _overflowing_past_the_guard_problem()
+    assert _guard_column_max(noise, student, 2.0) >= -KERNEL_LOG_FLOOR  # the guard passes
+    solved = _solve_all_modes(noise, student, mass, epsilon=2.0, num_iters=50,
+                              backend=backend)
+    assert np.all(np.isnan(solved["kernel"].allocation))  # the kernel solve did fail
+    for field in SinkhornOutput._fields:
+        np.testing.assert_array_equal(getattr(solved["auto"], field),
+                                      getattr(solved["log"], field), err_msg=field)
+    assert np.all(np.isfinite(solved["auto"].allocation))
+    assert float(solved["auto"].column_error) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_chooses_per_problem_under_jit_and_vmap(backend):
+    # Traced inputs: the choice is lax.cond on the data. Under vmap the predicate is batched,
+    # cond becomes a select, both solves run, and each problem still gets its own result.
+    good = _problem(48, batch_size=16, num_classes=4)
+    bad = _underflowing_column_problem()
+    solve = jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m, num_iters=50,
+                                                        backend=backend))  # mode="auto"
+    forced = jax.jit(lambda n, s, m: sinkhorn_allocation(n, s, m, num_iters=50,
+                                                         backend=backend, mode="kernel"))
+    logs = [sinkhorn_allocation(*p, num_iters=50, backend=backend, mode="log")
+            for p in (good, bad)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), good, bad)
+    batched = jax.vmap(solve)(*stacked)
+    for k, problem in enumerate((good, bad)):
+        for out in (solve(*problem), jax.tree.map(lambda x, k=k: x[k], batched)):
+            np.testing.assert_allclose(out.allocation, logs[k].allocation, atol=2e-6)
+            np.testing.assert_allclose(out.potential, logs[k].potential, atol=2e-5)
+            assert np.all(np.isfinite(out.allocation))
+    # The batched forced kernel fails on the bad problem only: the vmapped auto had to choose.
+    batched_kernel = jax.vmap(forced)(*stacked)
+    assert np.all(np.isfinite(batched_kernel.allocation[0]))
+    assert np.all(np.isnan(batched_kernel.allocation[1]))
+    # vmap over a traced epsilon: 1e-3 sends the well-conditioned problem to the log domain.
+    noise, student, mass = _problem(49, batch_size=16, num_classes=4)
+    noise = noise.at[:, 3].set(jnp.min(noise + student, axis=1) - 0.5 - student[:, 3])
+    epsilons = jnp.array([2.0, 1e-3])
+    swept = jax.vmap(lambda e: sinkhorn_allocation(noise, student, mass, epsilon=e,
+                                                   num_iters=50, backend=backend))(epsilons)
+    for k, eps in enumerate([2.0, 1e-3]):
+        expected = sinkhorn_allocation(noise, student, mass, epsilon=eps, num_iters=50,
+                                       backend=backend, mode="log")
+        np.testing.assert_allclose(swept.allocation[k], expected.allocation, atol=2e-6)
+    assert np.all(np.isfinite(swept.allocation))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_mass_class_in_kernel_mode(backend):
+    noise, student, _ = _problem(8)
+    mass = jnp.array([0.5, 0.0, 0.25, 0.25])
+    solved = _solve_all_modes(noise, student, mass, num_iters=300, backend=backend)
+    for mode in ("kernel", "auto"):
+        info = solved[mode]
+        assert np.all(np.isfinite(info.allocation))
+        np.testing.assert_allclose(info.allocation[:, 1], 0.0, atol=1e-7)
+        assert info.potential[1] == -np.inf
+        np.testing.assert_allclose(info.allocation, solved["log"].allocation, atol=2e-6)
+
+
+def test_the_guard_threshold_and_its_mask():
+    # The guard itself (a speed choice: whichever way it errs, "auto"'s result is that of a
+    # checked kernel solve or of the log domain): class 1's best row-shifted score is -(floor
+    # -/+ 0.5); masked rows, however close to class 1, do not count.
+    from dsink_jax.ot.sinkhorn import _kernel_usable, _row_shift
+    has_mass = jnp.array([True, True])
+    valid = jnp.array([True, True, False])
+    for offset, usable in ((-0.5, True), (0.5, False)):
+        scores = jnp.array([[0.0, -KERNEL_LOG_FLOOR - offset], [0.0, -100.0], [-5.0, 0.0]])
+        kernel = jnp.exp(_row_shift(scores, valid)[0])
+        assert bool(_kernel_usable(kernel, has_mass)) is usable
+        # A class without mass does not count.
+        assert bool(_kernel_usable(kernel, jnp.array([True, False])))

@@ -138,7 +138,8 @@ def _dsink_dataset_method(config, digits_set):
         d, clean_labels=digits_set.clean_labels, steps_per_epoch=4, class_mass=mass,
         class_counts=digits_set.noisy_class_counts)
     refresh = objectives.dataset_allocation_refresh(
-        d, noise_teacher_logits=noise_logits, class_mass=mass, every_epochs=2)
+        d, noise_teacher_logits=noise_logits, class_mass=mass,
+        class_counts=digits_set.noisy_class_counts, every_epochs=2)
     return pipelines.build_method(config, digits_set, objective=objective), refresh
 
 

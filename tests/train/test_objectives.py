@@ -14,9 +14,9 @@ B, C, N = 16, 4, 40
 
 
 def options(**overrides):
-    base = dict(alpha=2.0, epsilon=2.0, num_iters=200, backend="native", base_loss="ce",
-                allocation="batch", potential_learning_rate=0.1, alpha_warmup_epochs=0.0,
-                student_logit_adjustment=0.0, class_mass_prior="none")
+    base = dict(alpha=2.0, epsilon=2.0, num_iters=200, backend="native", sinkhorn_mode="auto",
+                base_loss="ce", allocation="batch", potential_learning_rate=0.1,
+                alpha_warmup_epochs=0.0, student_logit_adjustment=0.0, class_mass_prior="none")
     base.update(overrides)
     return ml_collections.ConfigDict(base)
 
@@ -109,6 +109,22 @@ def test_dataset_refresh_solves_over_the_whole_set_on_its_schedule():
                                       jax.nn.log_softmax(student_logits), MASS, num_iters=200).allocation
     np.testing.assert_allclose(new["allocation"], expected, atol=1e-6)
     np.testing.assert_allclose(new["allocation"].mean(0), MASS, atol=1e-4)
+
+
+def test_sinkhorn_mode_option_reaches_both_solves():
+    # f_N's logit -2e4 on class 2 underflows that kernel column: "auto" falls back to the log
+    # domain, a forced "kernel" solve returns NaN. Both the per-batch and the dataset solve.
+    logits, noise, imbalance, labels, indices = batch(8)
+    noise = noise.at[:, 2].set(-2e4)
+    for mode, finite in (("auto", True), ("kernel", False)):
+        per_example, _, _ = make(sinkhorn_mode=mode)(
+            logits, labels, indices=indices, extra={}, step=0, teacher_logits=(noise, imbalance))
+        assert bool(np.all(np.isfinite(per_example))) is finite, mode
+        refresh = objectives.dataset_allocation_refresh(
+            options(allocation="dataset", sinkhorn_mode=mode),
+            noise_teacher_logits=np.asarray(noise), class_mass=MASS, every_epochs=1)
+        table = refresh("state", 0, lambda state: np.asarray(logits))["allocation"]
+        assert bool(np.all(np.isfinite(table))) is finite, mode
 
 
 def test_class_mass_prior_reweights_f_l_by_the_label_prior_before_the_batch_mass():
@@ -269,3 +285,11 @@ def test_teacher_logits_are_scaled_to_their_losses_logits():
     config = ml_collections.ConfigDict({"ldam_scale": 30.0})
     assert objectives.logit_scale("ldam_drw", config) == 30.0
     assert objectives.logit_scale("la", config) == 1.0
+
+
+def test_the_dataset_solve_with_a_student_logit_adjustment_needs_class_counts():
+    noise_logits = np.zeros((6, C), np.float32)
+    with pytest.raises(ValueError, match="student_logit_adjustment=1.0 needs class_counts"):
+        objectives.dataset_allocation_refresh(
+            options(allocation="dataset", student_logit_adjustment=1.0),
+            noise_teacher_logits=noise_logits, class_mass=MASS, every_epochs=1)
