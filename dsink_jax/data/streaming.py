@@ -145,8 +145,8 @@ class FileListSource:
         return {"image": data, "path": path}
 
 
-class _Subset:
-    """Records `indices` of a source, in that order."""
+class Subset:
+    """Records `indices` of a source, in that order (record k is `source[indices[k]]`)."""
 
     def __init__(self, source, indices: np.ndarray):
         self.source, self.indices = source, np.asarray(indices, np.int64)
@@ -277,7 +277,7 @@ def load_filelist(directory: str, *, bad_images: str = "error") -> StreamingData
     if bad_images == "skip":
         for split, source in splits.items():
             keep, bad = check_images(source)
-            records[split] = _Subset(source, keep)
+            records[split] = Subset(source, keep)
             labels[split] = source.labels[keep]
             skipped += bad
     return StreamingDataset(

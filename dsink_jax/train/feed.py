@@ -77,15 +77,13 @@ class InMemoryFeed:
 class _Records:
     """Records of a streaming source with their labels, as grain reads them.
 
-    `indices` (optional) maps record k to the source's record `indices[k]` (the kept training
-    records); each item is the source's record plus its "label" and its position "index".
-    `name` is the repr, which grain compares when it restores an iterator: it must identify the
-    records and labels.
+    Item k is the source's record k plus its "label" and its position "index". `name` is the
+    repr, which grain compares when it restores an iterator: it must identify the records and
+    labels.
     """
 
-    def __init__(self, source, labels: np.ndarray, *, name: str, indices=None):
+    def __init__(self, source, labels: np.ndarray, *, name: str):
         self.source, self.labels, self._repr = source, np.asarray(labels, np.int32), name
-        self.indices = None if indices is None else np.asarray(indices, np.int64)
 
     def __repr__(self) -> str:
         return self._repr
@@ -94,8 +92,7 @@ class _Records:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        raw = index if self.indices is None else int(self.indices[index])
-        return {**self.source[raw], "label": self.labels[index], "index": np.int32(index)}
+        return {**self.source[index], "label": self.labels[index], "index": np.int32(index)}
 
 
 def _training_records(ts: TrainingSet) -> _Records:
@@ -103,7 +100,7 @@ def _training_records(ts: TrainingSet) -> _Records:
     raw = np.asarray(ts.train_indices, np.int64)
     labels = np.asarray(ts.noisy_labels, np.int32)
     digest = hashlib.sha256(raw.tobytes() + labels.tobytes()).hexdigest()[:16]
-    return _Records(ts.stream.train, labels, indices=raw,
+    return _Records(streaming.Subset(ts.stream.train, raw), labels,
                     name=f"_TrainingRecords({ts.source}, n={len(raw)}, digest={digest})")
 
 
