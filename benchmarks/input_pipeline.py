@@ -63,7 +63,7 @@ def write_tree(root: str, num_train: int, num_test: int, num_classes: int = 10,
     return root
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", default="/tmp/dsink_input_tree")
     parser.add_argument("--images", type=int, default=1024)
@@ -72,13 +72,15 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the step's compute dtype")
     parser.add_argument("--step-batch", type=int, default=8)
     parser.add_argument("--step-repeats", type=int, default=2, help="steps timed per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-images-per-s", type=float, default=2500.0,
                         help="the accelerator's training rate to feed (ResNet-50, bf16)")
     parser.add_argument("--json", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         workers = [int(w) for w in args.workers.split(",")]
     except ValueError:
@@ -113,6 +115,7 @@ def main():
                                                    dataset=f"filelist:{args.tree}",
                                                    preset="paper"))
     config.model.name, config.optim.batch_size = args.model, args.step_batch
+    config.model.dtype = args.dtype
     method = pipelines.build_method(config, ts)
     state = step_lib.init_state(method, jax.random.key(0), ts.sample_images)
     train_step = jax.jit(functools.partial(step_lib.train_step, method=method), donate_argnums=0)

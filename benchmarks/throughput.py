@@ -1,4 +1,4 @@
-"""Train-step throughput on CPU: the dsink_jax step (JAX) against the same step in PyTorch.
+"""Train-step throughput: the dsink_jax step (JAX) against the same step in PyTorch.
 
 Usage (from the repository root; PyTorch is an optional benchmark dependency,
 ``pip install torch==2.13.0`` gives a CPU build)::
@@ -27,6 +27,11 @@ is imported; the script then sets it for the whole run and the single-device var
 device 0 alone (measured: no slowdown beyond noise; see benchmarks/README.md).
 ``--xla-flags`` appends further XLA flags, for experiments.
 
+``--platform gpu`` runs both sides on the first CUDA device instead of the CPU (JAX with
+``JAX_PLATFORMS=cuda`` and no memory preallocation, so that PyTorch shares the device; PyTorch
+with ``cuda`` tensors, synchronised before every timer reads); ``--torch-compile`` adds a row of
+the PyTorch model wrapped in ``torch.compile`` (the augmentation and optimizer stay eager).
+
 Expected on the shared 2-core CPU of the development machines (2026-11-22; benchmarks/README.md
 has the table): about 10 minutes; every JAX variant at 0.3-0.45x PyTorch for ResNet-32 (bf16 the
 best), because XLA:CPU's convolution weight gradients are slow (Eigen, about one core).
@@ -52,6 +57,8 @@ MODELS = ("resnet32", "resnet8", "preact_resnet18")
 JAX_VARIANTS = ("fp32", "dp2", "bf16", "dp2+bf16")
 DATA_PARALLEL_DEVICES = 2
 TORCH_NAME = "torch"
+TORCH_COMPILE_NAME = "torch.compile"
+PLATFORMS = ("cpu", "gpu")
 
 # The LDAM-DRW / RoLT protocol the step is built with (lr 0.1, momentum 0.9, wd 2e-4).
 LEARNING_RATE, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 2e-4
@@ -89,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--force-host-devices", type=int, default=0,
                         help="force this many host devices even without a dp variant (0: as the "
                              "variants need), to measure the single-device path under forcing")
+    parser.add_argument("--platform", default="cpu", choices=PLATFORMS,
+                        help="where both sides run: the CPU, or the first CUDA device")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time the PyTorch model under torch.compile")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the table here")
     args = parser.parse_args(argv)
@@ -152,7 +163,9 @@ def configure_xla(args: argparse.Namespace) -> str:
     if devices > 1:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if args.platform == "gpu" else "cpu")
+    if args.platform == "gpu":  # PyTorch allocates on the same device
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     return os.environ["XLA_FLAGS"]
 
 
@@ -256,14 +269,19 @@ def torch_row_name(threads: int, args: argparse.Namespace) -> str:
     return TORCH_NAME if threads == args.torch_thread_list[0] else f"{TORCH_NAME}-{threads}t"
 
 
-def build_torch(args: argparse.Namespace, batch: dict[str, np.ndarray], *, threads: int
-                ) -> tuple[Callable[[int], None], int]:
-    """Builds the PyTorch step; returns (run_steps(n) with `threads` threads, parameter count)."""
+def build_torch(args: argparse.Namespace, batch: dict[str, np.ndarray], *, threads: int,
+                compile_model: bool = False) -> tuple[Callable[[int], None], int]:
+    """Builds the PyTorch step; returns (run_steps(n) with `threads` threads, parameter count).
+
+    On `--platform gpu` everything lives on the first CUDA device and `run_steps` waits for the
+    device before returning; `compile_model` wraps the model in `torch.compile`.
+    """
     import torch  # pylint: disable=import-outside-toplevel  (optional dependency)
     from torch import nn  # pylint: disable=import-outside-toplevel
     import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
 
     torch.manual_seed(args.seed)
+    device = torch.device("cuda" if args.platform == "gpu" else "cpu")
     memory_format = torch.channels_last if args.torch_channels_last else torch.contiguous_format
 
     class BasicBlock(nn.Module):
@@ -348,29 +366,32 @@ def build_torch(args: argparse.Namespace, batch: dict[str, np.ndarray], *, threa
         model = PreActResNet18()
     else:
         model = CifarResNet({"resnet8": 1, "resnet32": 5}[args.model])
-    model = model.to(memory_format=memory_format).train()
+    model = model.to(device=device, memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
     num_params = sum(p.numel() for p in model.parameters())
+    if compile_model:
+        model = torch.compile(model)
 
-    images = torch.from_numpy(batch["images"])  # uint8 [B, H, W, C], as stored
-    labels = torch.from_numpy(batch["labels"]).long()
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.from_numpy(batch["images"]).to(device)  # uint8 [B, H, W, C], as stored
+    labels = torch.from_numpy(batch["labels"]).long().to(device)
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     size, pad = IMAGE_SHAPE[0], 4
-    grid = torch.arange(size)
+    grid = torch.arange(size, device=device)
 
     def augment(images_u8):
         """Zero-pad 4, random 32x32 crop per image, random flip, normalise: torch ops only."""
         b = images_u8.shape[0]
         x = images_u8.permute(0, 3, 1, 2).float()  # NCHW view
         x = F.pad(x, (pad, pad, pad, pad))
-        offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
+        offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator, device=device)
         rows = (offsets[:, 0:1] + grid)[:, None, :, None]  # [B, 1, 32, 1]
         cols = (offsets[:, 1:2] + grid)[:, None, None, :]  # [B, 1, 1, 32]
-        x = x[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
-        flips = torch.rand(b, generator=generator) < 0.5
+        x = x[torch.arange(b, device=device)[:, None, None, None],
+              torch.arange(3, device=device)[None, :, None, None], rows, cols]
+        flips = torch.rand(b, generator=generator, device=device) < 0.5
         x = torch.where(flips[:, None, None, None], x.flip(3), x)
         x = (x / 255.0 - mean) / std
         return x.contiguous(memory_format=memory_format)
@@ -384,8 +405,10 @@ def build_torch(args: argparse.Namespace, batch: dict[str, np.ndarray], *, threa
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            # The JAX step returns these too; CPU tensors, so nothing to synchronise.
+            # The JAX step returns these too.
             _ = (logits.detach().argmax(-1) == labels).float().mean()
+        if device.type == "cuda":  # the JAX side blocks until ready too
+            torch.cuda.synchronize()
 
     return run_steps, num_params
 
@@ -439,11 +462,11 @@ def summarise(rates: dict[str, list[float]], build_s: dict[str, float]) -> list[
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as a fixed-width text table."""
     ratio = lambda r: "-" if r is None else f"{r:.2f}x"  # noqa: E731
-    lines = [f"{'variant':<10} {'median img/s':>12} {'min-max img/s':>15} {'vs torch':>9} "
+    lines = [f"{'variant':<14} {'median img/s':>12} {'min-max img/s':>15} {'vs torch':>9} "
              f"{'vs best torch':>13} {'build s':>8}"]
     for row in rows:
         spread = f"{row['min_images_per_s']:.1f}-{row['max_images_per_s']:.1f}"
-        lines.append(f"{row['variant']:<10} {row['median_images_per_s']:>12.1f} {spread:>15} "
+        lines.append(f"{row['variant']:<14} {row['median_images_per_s']:>12.1f} {spread:>15} "
                      f"{ratio(row['ratio_to_torch']):>9} {ratio(row['ratio_to_best_torch']):>13} "
                      f"{row['build_s']:>8.1f}")
     return "\n".join(lines)
@@ -477,6 +500,13 @@ def main(argv=None) -> int:
             run_steps(1)
             compile_s[name] = time.perf_counter() - start
             runners[name] = run_steps
+        if args.torch_compile:
+            start = time.perf_counter()
+            run_steps, params[TORCH_COMPILE_NAME] = build_torch(
+                args, batch, threads=args.torch_thread_list[0], compile_model=True)
+            run_steps(1)  # compiles
+            compile_s[TORCH_COMPILE_NAME] = time.perf_counter() - start
+            runners[TORCH_COMPILE_NAME] = run_steps
     # Same model on both sides: equal parameter counts (BN scale/bias = weight/bias).
     if len(set(params.values())) > 1:
         raise RuntimeError(f"parameter counts differ between implementations: {params}")
@@ -499,6 +529,7 @@ def main(argv=None) -> int:
             "model": args.model, "batch_size": args.batch_size, "repeats": args.repeats,
             "steps_per_repeat": args.steps_per_repeat, "warmup": args.warmup,
             "jax_version": jax.__version__, "jax_devices": len(jax.devices()),
+            "platform": args.platform, "device_kind": jax.devices()[0].device_kind,
             "torch_version": torch_version, "torch_threads": args.torch_threads,
             "torch_channels_last": args.torch_channels_last, "xla_flags": xla_flags,
             "omp_wait_policy": omp_wait_policy,

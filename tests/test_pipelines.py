@@ -134,6 +134,63 @@ def test_student_variants_reuse_the_teachers(dsink_run, capsys, overrides, train
     assert all(r["params_fingerprint"] == before[r["loss"]] for r in reused)
 
 
+def test_cached_teachers_train_the_forward_students_without_augmentation(tmp_path):
+    """With no augmentation the step's view is the eval image, so looking f_N up in its table
+    (`dsink.teachers=cached`) trains the same student as running it on every step."""
+    workdir = str(tmp_path)
+    results = {}
+    for mode in ("forward", "cached"):
+        config = dsink_smoke_config(teachers=mode)
+        config.data.crop_padding = 0  # digits: no flip either
+        config.dsink.stage_name = f"student_{mode}"
+        summary = pipelines.run(config, workdir)
+        student = summary["stages"][-1]
+        losses = [json.loads(line)["train_loss"] for line in open(
+            os.path.join(workdir, config.dsink.stage_name, "metrics.jsonl"))]
+        results[mode] = (student, losses)
+    (forward, forward_losses), (cached, cached_losses) = results["forward"], results["cached"]
+    np.testing.assert_allclose(cached_losses, forward_losses, rtol=1e-4)
+    assert cached["per_class_accuracy"] == pytest.approx(forward["per_class_accuracy"])
+    assert cached["allocation_accuracy"] == pytest.approx(forward["allocation_accuracy"],
+                                                          abs=1e-3)
+    # ... and the cached student's step holds tables, not the teacher's parameters.
+    config = dsink_smoke_config(teachers="cached")
+    config.data.crop_padding = 0
+    training_set = pipelines.prepare_training_set(config)
+    teachers = pipelines.dsink.train_teachers(config, workdir, training_set)
+    (model,), (table,) = teachers["teacher_models"], teachers["teacher_variables"]
+    assert type(model).__name__ == "CachedTeacher"
+    assert table["log_probs"].shape == (training_set.num_train, training_set.num_classes)
+
+
+def test_student_epochs_trains_only_the_student_longer(dsink_run, capsys):
+    workdir, first = dsink_run
+    config = dsink_smoke_config()
+    config.dsink.student_epochs = config.optim.epochs + 1
+    config.dsink.stage_name = "student_longer"
+    summary = pipelines.run(config, workdir)
+    assert capsys.readouterr().out.count("reusing the finished stage") == 3  # the teachers
+    training_set = pipelines.prepare_training_set(config)
+    steps = training_set.num_train // config.optim.batch_size
+    on_disk = json.loads(open(os.path.join(workdir, "student_longer", "results.json")).read())
+    assert on_disk["steps"] == (config.optim.epochs + 1) * steps
+    assert on_disk["config"]["optim"]["epochs"] == config.optim.epochs + 1
+    assert summary["stages"][1]["params_fingerprint"] == first["stages"][1]["params_fingerprint"]
+
+
+def test_teacher_tables_too_large_fail_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipelines.dsink, "MAX_TEACHER_TABLE_BYTES", 1000)
+    config = dsink_smoke_config(teachers="cached")
+    with pytest.raises(configs.ConfigError, match=r"dsink.teachers=cached would hold 1 "
+                                                  r"table\(s\) of \d+ x 10 .*teacher_cache_topk"):
+        pipelines.run(config, str(tmp_path))
+    config.dsink.teacher_cache_topk = 10
+    with pytest.raises(configs.ConfigError, match="teacher_cache_topk=10 must be below the "
+                                                  "number of classes 10"):
+        pipelines.run(config, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
 def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
     workdir, summary = dsink_run
     config = dsink_smoke_config()

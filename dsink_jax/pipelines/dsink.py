@@ -39,6 +39,13 @@ from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_
                                         logit_scale, make_dsink_objective)
 
 INIT_FROM = ("scratch", "imbalance_teacher")
+# (ours) how the student's step gets the frozen teachers' outputs: "forward" runs them on every
+# step's augmented view; "cached" computes them once per stage on the unaugmented training
+# images and looks them up by example index (`dsink_jax.train.step.CachedTeacher`).
+TEACHER_MODES = ("forward", "cached")
+# The largest teacher tables "cached" holds on each device (a full table is N x C float32 per
+# teacher: iNaturalist 2018, 437,513 x 8,142, is 14.2 GB); beyond it, a top-k table is required.
+MAX_TEACHER_TABLE_BYTES = 2 * 2**30
 # (ours, measured) `noise_loss="auto"`: CE as f_N for schedules of at most this many epochs, GCE
 # beyond. CE cleans noisy labels until it memorises them: at 30 epochs of ResNet-8 on
 # CIFAR-10-LT it cleaned them better than GCE, SCE and ELR and gave the best students, while at
@@ -59,6 +66,7 @@ ARGS: dict[str, Any] = {
     "student_logit_adjustment": 1.0,
     "base_loss": "ce",
     "init_from": "scratch",
+    "teachers": "forward",
 }
 
 
@@ -111,6 +119,16 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         c.dsink.student_logit_adjustment = float(args["student_logit_adjustment"])
         # (ours) "scratch" or "imbalance_teacher": start the student from f_L's weights.
         c.dsink.init_from = args["init_from"]
+        # (ours) epochs of the student stage; 0 = optim.epochs, as the teachers (a
+        # compute-matched control for the warm start trains the student longer).
+        c.dsink.student_epochs = 0
+        # (ours) "forward" (the teachers run on every step's augmented view) or "cached"
+        # (their log-probabilities on the unaugmented training images, computed once per
+        # stage and looked up by index: a D-SINK step at the cost of a CE step).
+        c.dsink.teachers = args["teachers"]
+        # (ours) "cached" only: 0 keeps every class's log-probability (N x C per teacher); k
+        # keeps the k largest per example, the rest of the mass spread evenly (N x (2k + 1)).
+        c.dsink.teacher_cache_topk = 0
         # (ours) test-time logits: "raw", or minus the log of an estimated prior:
         # "label_prior" (given labels) or "class_mass" (f_L's mass over the training set).
         c.dsink.inference = "raw"
@@ -168,6 +186,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  f"dsink.init_from=imbalance_teacher needs an f_L with the student's linear "
                  f"head; dsink.imbalance_loss={d.imbalance_loss!r} has a cosine head (allowed: "
                  f"any loss but ldam_drw)")
+    require(d.student_epochs >= 0,
+             f"dsink.student_epochs={d.student_epochs} must be >= 0 (0 = optim.epochs)")
+    require(d.teachers in TEACHER_MODES,
+             f"dsink.teachers={d.teachers!r}; allowed: {', '.join(TEACHER_MODES)}")
+    require(d.teacher_cache_topk >= 0,
+             f"dsink.teacher_cache_topk={d.teacher_cache_topk} must be >= 0 (0 = every class)")
     require(d.inference in INFERENCE_MODES,
              f"dsink.inference={d.inference!r}; allowed: {', '.join(INFERENCE_MODES)}")
     require(d.inference != "class_mass" or d.allocation != "batch" or d.class_mass == "global",
@@ -204,7 +228,8 @@ def train_teachers(config, workdir: str, training_set) -> dict:
     Returns:
       {"rows": table rows, "curves": correction-rate curves, "objective": the student's bound
        D-SINK objective, "teacher_models" / "teacher_variables": the frozen modules and
-       variables whose logits the student's step needs (per `dsink.allocation`),
+       variables whose logits the student's step needs (per `dsink.allocation`; with
+       `dsink.teachers="cached"`, `CachedTeacher`s and their tables),
        "refresh_extra": the loop hook of the "dataset" allocation (else None), "class_mass":
        the training-set class mass of f_L (None in the "batch" mode with `class_mass=batch`),
        "priors": the post-hoc priors (see `inference_priors`), "stage_variables": {role:
@@ -222,45 +247,101 @@ def train_teachers(config, workdir: str, training_set) -> dict:
         curves[role] = plots.read_metric_curve(os.path.join(stage_dir, "metrics.jsonl"),
                                                "correction_rate")
         stages[role] = (method.model, state.variables, logit_scale(loss, config.loss_options))
+    return {"rows": rows, "curves": curves, "stage_variables": stages,
+            "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)
+                             for role in ("imbalance_teacher", "noise_teacher")],
+            **assemble_student(config, training_set, stages)}
 
-    noise_model, noise_vars, noise_scale = stages["noise_teacher"]
-    imbalance_model, imbalance_vars, imbalance_scale = stages["imbalance_teacher"]
+
+def assemble_student(config, training_set, stages: dict) -> dict:
+    """What the student's step needs from its frozen teachers, per `config.dsink`.
+
+    Args:
+      config: the `dsink` config.
+      training_set: the training data.
+      stages: {"noise_teacher": (model, variables, logit scale), "imbalance_teacher": ...}.
+
+    Returns:
+      {"objective": the bound D-SINK objective, "teacher_models" / "teacher_variables" (see
+       `train_teachers`), "refresh_extra", "class_mass", "priors"}.
+    """
+    d = config.dsink
     steps_per_epoch = training_set.num_train // config.optim.batch_size
     augment = augment_for(config, training_set)
+    by_role = {"noise": stages["noise_teacher"], "imbalance": stages["imbalance_teacher"]}
+    train_logits_of: dict[str, np.ndarray] = {}
 
-    def train_logits(model, variables, scale):  # eval mode, unaugmented training images
-        return scale * predict_split(config, training_set, model, variables, "train",
-                                     augment=augment)
+    def train_logits(role: str) -> np.ndarray:  # eval mode, unaugmented training images, once
+        if role not in train_logits_of:
+            model, variables, scale = by_role[role]
+            train_logits_of[role] = scale * predict_split(config, training_set, model,
+                                                          variables, "train", augment=augment)
+        return train_logits_of[role]
 
     class_mass = None
     if d.class_mass == "global" or d.allocation != "batch":
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
-        class_mass = np.asarray(global_class_mass(
-            train_logits(imbalance_model, imbalance_vars, imbalance_scale) + shift))
+        class_mass = np.asarray(global_class_mass(train_logits("imbalance") + shift))
     priors = inference_priors(training_set, class_mass)
-    by_role = {"noise": stages["noise_teacher"], "imbalance": stages["imbalance_teacher"]}
     needed_roles = ALLOCATION_TEACHERS[d.allocation]
+    if d.teachers == "cached":  # tables of log-probabilities: logit scale 1
+        teacher_models = tuple(step_lib.CachedTeacher(training_set.num_classes)
+                               for _ in needed_roles)
+        teacher_variables = tuple(step_lib.teacher_table(train_logits(r),
+                                                         topk=int(d.teacher_cache_topk))
+                                  for r in needed_roles)
+        teacher_scales = (1.0,) * len(needed_roles)
+    else:
+        teacher_models = tuple(by_role[r][0] for r in needed_roles)
+        teacher_variables = tuple(by_role[r][1] for r in needed_roles)
+        teacher_scales = tuple(by_role[r][2] for r in needed_roles)
     objective = make_dsink_objective(d, clean_labels=training_set.clean_labels,
                                      steps_per_epoch=steps_per_epoch, class_mass=class_mass,
                                      class_counts=training_set.noisy_class_counts,
                                      la_tau=config.loss_options.la_tau,
                                      test_prior=priors[d.inference],
-                                     teacher_scales=tuple(by_role[r][2] for r in needed_roles))
-    needed = [by_role[r] for r in needed_roles]
+                                     teacher_scales=teacher_scales)
     refresh = None
     if d.allocation == "dataset":
         refresh = dataset_allocation_refresh(
-            d, noise_teacher_logits=train_logits(noise_model, noise_vars, noise_scale),
-            class_mass=class_mass,
+            d, noise_teacher_logits=train_logits("noise"), class_mass=class_mass,
             class_counts=training_set.noisy_class_counts,
             every_epochs=int(d.refresh_every_epochs))
-    return {"rows": rows, "curves": curves, "objective": objective,
-            "teacher_models": tuple(m for m, _, _ in needed),
-            "teacher_variables": tuple(v for _, v, _ in needed),
-            "refresh_extra": refresh, "class_mass": class_mass, "priors": priors,
-            "stage_variables": stages,
-            "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)
-                             for role in ("imbalance_teacher", "noise_teacher")]}
+    return {"objective": objective, "teacher_models": teacher_models,
+            "teacher_variables": teacher_variables, "refresh_extra": refresh,
+            "class_mass": class_mass, "priors": priors}
+
+
+def check_teacher_cache(config, training_set) -> None:
+    """Fails before any training when `dsink.teachers="cached"` cannot hold its tables.
+
+    Raises:
+      ConfigError: top-k not below the number of classes, or tables over
+        MAX_TEACHER_TABLE_BYTES per device (naming the size and the options that fit).
+    """
+    d = config.dsink
+    roles = ALLOCATION_TEACHERS[d.allocation]
+    if d.teachers != "cached" or not roles:
+        return
+    n, c, k = training_set.num_train, training_set.num_classes, int(d.teacher_cache_topk)
+    require(k < c, f"dsink.teacher_cache_topk={k} must be below the number of classes {c} "
+                   f"(0 = every class)")
+    size = len(roles) * step_lib.teacher_table_bytes(n, c, k)
+    top64 = len(roles) * step_lib.teacher_table_bytes(n, c, min(64, c - 1))
+    require(size <= MAX_TEACHER_TABLE_BYTES,
+            f"dsink.teachers=cached would hold {len(roles)} table(s) of {n} x {c} "
+            f"log-probabilities ({size / 2**30:.1f} GiB) on every device, over the "
+            f"{MAX_TEACHER_TABLE_BYTES / 2**30:.0f} GiB limit; set dsink.teacher_cache_topk "
+            f"(k = 64: {top64 / 2**20:.0f} MiB) or dsink.teachers=forward")
+
+
+def student_config(config):
+    """The config of the student stage: `dsink.student_epochs` (> 0) replaces optim.epochs."""
+    if not config.dsink.student_epochs:
+        return config
+    student = config.copy_and_resolve_references()
+    student.optim.epochs = int(config.dsink.student_epochs)
+    return student
 
 
 def inference_priors(training_set, class_mass: np.ndarray | None) -> dict:
@@ -307,19 +388,21 @@ def run(config, workdir: str) -> dict:
     validate(config)
     check_workdir(workdir)
     training_set = prepare_training_set(config)
+    check_teacher_cache(config, training_set)
     d = config.dsink
     teachers = train_teachers(config, workdir, training_set)
     rows, curves = teachers["rows"], teachers["curves"]
-    method = build_method(config, training_set, objective=teachers["objective"],
+    student = student_config(config)
+    method = build_method(student, training_set, objective=teachers["objective"],
                           teacher_models=teachers["teacher_models"])
     init_variables = None
     if d.init_from == "imbalance_teacher":
         init_variables = teachers["stage_variables"]["imbalance_teacher"][1]
     student_dir = os.path.join(workdir, d.stage_name)
-    identity = {**stage_identity(config, "dsink"), "dsink": d.to_dict(),
+    identity = {**stage_identity(student, "dsink"), "dsink": d.to_dict(),
                 "teachers": teachers["fingerprints"]}
     results, state = train_or_reuse_stage(
-        config, student_dir, training_set=training_set, method=method, name=d.stage_name,
+        student, student_dir, training_set=training_set, method=method, name=d.stage_name,
         identity=identity, teacher_variables=teachers["teacher_variables"],
         refresh_extra=teachers["refresh_extra"], init_variables=init_variables)
     student_row = stage_row("student", "dsink", results)
@@ -453,16 +536,19 @@ def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
 
 def _run_sweep(config, workdir, members, members_mode):
     training_set = prepare_training_set(config)
+    check_teacher_cache(config, training_set)
     teachers = train_teachers(config, workdir, training_set)
-    method = build_method(config, training_set, objective=teachers["objective"],
+    student = student_config(config)
+    method = build_method(student, training_set, objective=teachers["objective"],
                           teacher_models=teachers["teacher_models"])
     sweep_dir = os.path.join(workdir, "sweep")
-    claim_stage_dir(sweep_dir, {**stage_identity(config, "dsink"), "dsink": config.dsink.to_dict(),
+    claim_stage_dir(sweep_dir, {**stage_identity(student, "dsink"),
+                                "dsink": config.dsink.to_dict(),
                                 "teachers": teachers["fingerprints"], "members": members,
                                 "mode": members_mode}, "sweep")
     start = time.perf_counter()
     results, _ = loop.train(
-        config, sweep_dir, training_set=training_set, method=method,
+        student, sweep_dir, training_set=training_set, method=method,
         teacher_variables=teachers["teacher_variables"], name="sweep",
         members=loop.Members(names=tuple(m["name"] for m in members),
                              states=init_members(method, members, training_set.sample_images),

@@ -7,7 +7,9 @@ is jitted where it is called, with the state donated:
 
 The batch holds raw uint8 images; augmentation (crop, flip, normalisation) runs inside the step
 on device, keyed by `fold_in(state.rng, state.step)`, so a resumed run replays the same randomness.
-Frozen teachers are arguments (`teacher_variables`), never part of the optimised state.
+Frozen teachers are arguments (`teacher_variables`), never part of the optimised state. A teacher
+may also be a :class:`CachedTeacher`: its log-probabilities on the unaugmented training images,
+computed once per stage, looked up by example index instead of a forward pass on every step.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class Method:
       objective: the bound loss (see `dsink_jax.train.objectives`).
       augment: augmentation constants.
       teacher_models: frozen Flax modules whose logits on the same augmented batch are handed to
-        the objective (D-SINK's auxiliaries); their variables come as a step argument.
+        the objective (D-SINK's auxiliaries), or :class:`CachedTeacher` tables looked up by
+        example index; their variables (or tables) come as a step argument.
     """
 
     model: nn.Module
@@ -87,6 +90,80 @@ def init_state(method: Method, rng: jax.Array, sample_images: np.ndarray) -> Tra
     extra = jax.tree.map(jnp.asarray, method.objective.init_extra())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=method.tx.init(params), rng=step_rng, extra=extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedTeacher:
+    """A frozen teacher replaced by a table of its outputs, looked up by example index.
+
+    A teacher's output is a function of its input alone; computed once per stage on the
+    unaugmented training images (eval mode), it costs nothing per step. It then differs from
+    a forward pass on the step's augmented view by the augmentation (crop and flip). Its step
+    argument, in place of Flax variables, is the table of :func:`teacher_table`.
+
+    Attributes:
+      num_classes: C.
+    """
+
+    num_classes: int
+
+    def lookup(self, table: dict[str, jax.Array], indices: jax.Array) -> jax.Array:
+        """The teacher's log-probabilities [B, C] (float32) of examples `indices` [B].
+
+        A top-k table gives its k classes their stored log-probabilities and every other class
+        an equal share of the remaining mass (`table["rest"]`).
+        """
+        if "log_probs" in table:
+            return table["log_probs"][indices]
+        values, classes = table["values"][indices], table["classes"][indices]
+        rows = jnp.broadcast_to(table["rest"][indices][:, None],
+                                (indices.shape[0], self.num_classes))
+        return rows.at[jnp.arange(indices.shape[0])[:, None], classes].set(values)
+
+
+def teacher_table(logits: np.ndarray, *, topk: int = 0) -> dict[str, np.ndarray]:
+    """The lookup table of a :class:`CachedTeacher` from its logits on every training example.
+
+    Args:
+      logits: float [N, C], the teacher's logits (already multiplied by its logit scale).
+      topk: 0 keeps every log-probability (`{"log_probs": [N, C]}`, N C 4 bytes); k in [1, C)
+        keeps the k largest per example (`{"values": [N, k], "classes": int32 [N, k],
+        "rest": [N]}`, N (2k + 1) 4 bytes), each other class getting log((1 - sum of the k
+        probabilities) / (C - k)).
+
+    Returns:
+      The table as float32 / int32 numpy arrays.
+    """
+    logits = np.asarray(logits, np.float32)
+    if logits.ndim != 2:
+        raise ValueError(f"logits has shape {logits.shape}; expected [N, C]")
+    num_classes = logits.shape[1]
+    if not 0 <= topk < num_classes:
+        raise ValueError(f"topk={topk} must be in [0, C) = [0, {num_classes}) (0 = every class)")
+    log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1), np.float32)
+    if topk == 0:
+        return {"log_probs": log_probs}
+    classes = np.argpartition(-log_probs, topk - 1, axis=-1)[:, :topk].astype(np.int32)
+    values = np.take_along_axis(log_probs, classes, axis=-1)
+    others = log_probs.copy()
+    np.put_along_axis(others, classes, -np.inf, axis=-1)
+    # The mass of the other classes in log space (1 - sum of the k would cancel in float32).
+    rest = np.asarray(jax.nn.logsumexp(jnp.asarray(others), axis=-1), np.float32)
+    rest = (rest - np.log(num_classes - topk)).astype(np.float32)
+    return {"values": values, "classes": classes, "rest": rest}
+
+
+def teacher_table_bytes(num_examples: int, num_classes: int, topk: int = 0) -> int:
+    """The bytes of a :func:`teacher_table` (float32 and int32 entries)."""
+    return 4 * num_examples * (num_classes if topk == 0 else 2 * topk + 1)
+
+
+def teacher_logits(model, variables, images: jax.Array, indices: jax.Array) -> jax.Array:
+    """A frozen teacher's logits [B, C] on a batch: a forward pass in eval mode, or the rows
+    of its table (a :class:`CachedTeacher`, whose log-probabilities serve as logits)."""
+    if isinstance(model, CachedTeacher):
+        return model.lookup(variables, indices)
+    return model.apply(variables, images, train=False)[0]
 
 
 class Prepared(NamedTuple):
@@ -128,11 +205,11 @@ def prepare_batch(rng: jax.Array, step: jax.Array, batch: dict[str, jax.Array],
         views = [method.augment.train(key, source[:, v]) for v, key in enumerate(view_keys)]
     else:
         views = [method.augment.train(key, source) for key in view_keys]
-    teacher_logits = tuple(
-        jax.lax.stop_gradient(model.apply(variables, views[0], train=False)[0])
+    teacher_outputs = tuple(
+        jax.lax.stop_gradient(teacher_logits(model, variables, views[0], batch["indices"]))
         for model, variables in zip(method.teacher_models, teacher_variables))
     images = views[0] if len(views) == 1 else jnp.concatenate(views)
-    return Prepared(images, teacher_logits, objective_key)
+    return Prepared(images, teacher_outputs, objective_key)
 
 
 def apply_update(state: TrainState, prepared: Prepared, batch: dict[str, jax.Array], *,

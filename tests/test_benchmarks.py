@@ -1,0 +1,95 @@
+"""Every script under benchmarks/ runs end to end at tiny sizes, so that none of them rots.
+
+Each runs as a user runs it (`python benchmarks/NAME.py ...`, a fresh process on the CPU); the
+figures are not checked, only that the script finishes and writes what it promises.
+`gpu_check.py --tiny` runs throughput.py, step_cost.py, sweep_speed.py, input_pipeline.py and
+one epoch of experiments/main.py (the sections of the GPU check), so those need no test here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.multiprocess import ROOT
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
+def test_gpu_check_runs_every_section_on_the_cpu_at_tiny_sizes(tmp_path):
+    from benchmarks import gpu_check
+
+    run_script("gpu_check.py", "--tiny", "--out", tmp_path)
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {name: s["status"] for name, s in record["sections"].items()} == {
+        name: "ok" for name in gpu_check.SECTIONS}
+    table = (tmp_path / "gpu_check.md").read_text()
+    for row in ("D-SINK step (defaults) / CE step, C = 10", "sweep speed-up, sequential / vmapped",
+                "paper preset, one epoch of CIFAR-10-LT r100", "GPU kept busy",
+                "train step, fp32"):
+        assert row in table, row
+    epoch = record["sections"]["paper_epoch"]["record"]
+    assert epoch["images_per_sec"] > 0 and epoch["data"]["num_train"] < 1200  # long-tailed
+
+
+def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    real = gpu_check.section_commands
+
+    def broken(name, **kwargs):
+        if name == "sweep":
+            return [[sys.executable, "-c", "raise SystemExit(3)"]]
+        return real(name, **kwargs)
+    monkeypatch.setattr(gpu_check, "section_commands", broken)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    status = gpu_check.main(["--tiny", "--sections", "sweep,paper_epoch", "--out",
+                             str(tmp_path)])
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert status == 1
+    assert record["sections"]["sweep"]["status"] == "failed: exit status 3"
+    assert record["sections"]["paper_epoch"]["status"] == "ok"
+    assert "| sweep | failed: exit status 3 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_accuracy_writes_the_table_and_the_records(tmp_path):
+    out = run_script("accuracy.py", "--family=dsink", "--data=digits", "--preset=smoke",
+                     "--settings=imbalance=10,noise=sym,noise_rate=0.2", "--seeds=0",
+                     f"--root={tmp_path}")
+    records = json.loads((tmp_path / "accuracy.json").read_text())
+    assert [r["name"] for r in records] == ["baseline", "imbalance_teacher", "noise_teacher",
+                                            "student"]
+    assert "| student (f_L la, f_N ce) | 1 |" in (tmp_path / "accuracy.md").read_text()
+    assert "student" in out
+
+
+def test_build_cifar_lt_on_a_small_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "small.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (500, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(500) % 10, x_test=rng.integers(0, 256, (50, 8, 8, 3),
+                                                              dtype=np.uint8),
+             y_test=np.arange(50) % 10)
+    out = run_script("build_cifar_lt.py", "--data", f"npz:{path}", "--imbalance", "10",
+                     "--noise", "sym", "--noise-rate", "0.4", "--json")
+    assert "50" in out and "realised" in out.lower()
+
+
+@pytest.mark.parametrize("name,args", [
+    ("allocation.py", ["--sizes", "8x4", "--repeats", "1", "--pot_repeats", "1"]),
+    ("potential.py", ["--num-classes", "4", "--dim", "8", "--batch-size", "8", "--num-samples",
+                      "64", "--steps", "1", "--repeats", "1"]),
+    ("ot_softmax_cost.py", ["--num-classes", "10", "--batch-size", "8", "--solve-steps", "1",
+                            "--num-samples", "64", "--repeats", "1", "--steps", "1"]),
+])
+def test_timing_scripts_run_at_tiny_sizes(name, args):
+    assert run_script(name, *args).strip()
