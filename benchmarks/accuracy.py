@@ -11,6 +11,10 @@ D-SINK, the four CIFAR-10 settings of the README with the `cpu` preset, two seed
   python benchmarks/accuracy.py --family=dsink --root=runs/accuracy_dsink --seeds=0,1 \
     --data=npz:../shared/data/cifar10.npz \
     --settings="imbalance=100,noise=sym,noise_rate=0.4;imbalance=100,noise=asym,noise_rate=0.2;imbalance=10,noise=sym,noise_rate=0.4;imbalance=10,noise=imb,noise_rate=0.4"
+Overrides of every stage (teachers included), e.g. the whole protocol in bfloat16, or f_L alone
+trained twice as long (the baseline family trains one stage):
+  python benchmarks/accuracy.py --family=baseline --root=runs/la60 --set=optim.epochs=60 \
+    --settings="imbalance=100,noise=sym,noise_rate=0.4,loss=la"
 An ablation: named student variants, each a list of config overrides (`;` between variants):
   python benchmarks/accuracy.py --family=dsink --root=runs/ablation \
     --settings="imbalance=100,noise=sym,noise_rate=0.4" \
@@ -173,6 +177,9 @@ def main():
     parser.add_argument("--settings", required=True,
                         help="';'-separated config argument strings, one per setting")
     parser.add_argument("--extra", default="", help="config arguments added to every setting")
+    parser.add_argument("--set", default="", dest="overrides",
+                        help="field=value,... config overrides of every stage of every run "
+                             "(e.g. model.dtype=bfloat16,optim.epochs=60), before --variants")
     parser.add_argument("--variants", default="",
                         help="dsink only: ';'-separated NAME:field=value,... student variants")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
@@ -183,6 +190,7 @@ def main():
     if not 0 <= args.few <= args.many:
         parser.error(f"need 0 <= --few ({args.few}) <= --many ({args.many})")
     variants = parse_variants(args.variants) if args.variants else [(None, {})]
+    overrides_all = parse_variants(f"all:{args.overrides}")[0][1] if args.overrides else {}
     if args.family != "dsink" and variants != [(None, {})]:
         parser.error("--variants is for --family=dsink")
     try:
@@ -200,6 +208,7 @@ def main():
                 arg = ",".join(x for x in (f"dataset={args.data}", f"preset={args.preset}",
                                            setting, args.extra, f"seed={seed}") if x)
                 config = build(configs.parse_arg_string(arg, defaults))
+                apply_overrides(config, overrides_all)
                 apply_overrides(config, overrides)
                 if variant is not None:
                     config.dsink.stage_name = f"student_{variant}"
@@ -232,8 +241,8 @@ def main():
             records.append({**regroup(row, counts, args.many, args.few), "setting": setting,
                             "seed": seed, "variant": variant if row["name"] == "student" else None,
                             "overrides": overrides if row["name"] == "student" else None,
-                            "class_counts": counts, "wall_seconds": wall,
-                            "run_seconds": seconds})
+                            "set": overrides_all, "class_counts": counts,
+                            "wall_seconds": wall, "run_seconds": seconds})
         markdown = write_outputs(args.root, header, records, settings, args)
     print(markdown)
 
