@@ -54,7 +54,7 @@ from dsink_jax.train.objectives import OT_INFERENCE_MODES, make_ot_softmax_objec
 from step_cost import (caller, check_positive, fixed_batch, machine_line,  # noqa: E402
                        paired_ratio, spread, stepper, synthetic_training_set, time_interleaved)
 
-BACKBONES = ("resnet8", "resnet20", "resnet32")
+BACKBONES = ("cnn", "resnet8", "resnet20", "resnet32")  # cnn: the smoke run's
 NEVER = 2 ** 30  # solve_every that no timed step reaches (int32 step counter)
 SOLVE_CALLS_PER_STEP = 10  # the solve alone is short: more calls per repeat for resolution
 

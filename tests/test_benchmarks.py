@@ -44,21 +44,22 @@ def test_gpu_check_runs_every_section_on_the_cpu_at_tiny_sizes(tmp_path):
 def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path, monkeypatch):
     from benchmarks import gpu_check
 
-    real = gpu_check.section_commands
-
-    def broken(name, **kwargs):
-        if name == "sweep":
-            return [[sys.executable, "-c", "raise SystemExit(3)"]]
-        return real(name, **kwargs)
-    monkeypatch.setattr(gpu_check, "section_commands", broken)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    fakes = {"sweep": "raise SystemExit(3)", "paper_epoch": "pass"}  # fails; writes no record
+    monkeypatch.setattr(gpu_check, "section_commands",
+                        lambda name, **_: [[sys.executable, "-c", fakes[name]]])
+    monkeypatch.setattr(gpu_check, "write_synthetic_cifar", lambda *args: None)
     status = gpu_check.main(["--tiny", "--sections", "sweep,paper_epoch", "--out",
                              str(tmp_path)])
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert status == 1
     assert record["sections"]["sweep"]["status"] == "failed: exit status 3"
-    assert record["sections"]["paper_epoch"]["status"] == "ok"
-    assert "| sweep | failed: exit status 3 |" in (tmp_path / "gpu_check.md").read_text()
+    assert record["sections"]["paper_epoch"]["status"] == "failed: no record"  # it still ran
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| sweep | failed: exit status 3 |" in table
+    # A budget spent before a section starts skips it, and says so.
+    gpu_check.main(["--tiny", "--sections", "sweep", "--budget-s", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert record["sections"]["sweep"]["status"] == "skipped: no time left in the budget"
 
 
 def test_accuracy_writes_the_table_and_the_records(tmp_path):
@@ -88,7 +89,8 @@ def test_build_cifar_lt_on_a_small_npz(tmp_path):
     ("allocation.py", ["--sizes", "8x4", "--repeats", "1", "--pot_repeats", "1"]),
     ("potential.py", ["--num-classes", "4", "--dim", "8", "--batch-size", "8", "--num-samples",
                       "64", "--steps", "1", "--repeats", "1"]),
-    ("ot_softmax_cost.py", ["--num-classes", "10", "--batch-size", "8", "--solve-steps", "1",
+    ("ot_softmax_cost.py", ["--model", "cnn", "--num-classes", "10", "--batch-size", "8",
+                            "--solve-steps", "1",
                             "--num-samples", "64", "--repeats", "1", "--steps", "1"]),
 ])
 def test_timing_scripts_run_at_tiny_sizes(name, args):
