@@ -24,8 +24,15 @@ OT-dynamic softmax (clean labels and sym 0.2, ratios 100 and 10):
     --settings="imbalance=100,noise=none;imbalance=10,noise=none;imbalance=100,noise=sym,noise_rate=0.2;imbalance=10,noise=sym,noise_rate=0.2"
 
 Writes ROOT/accuracy.md (per setting: one row per stage, mean +- std over the seeds, the
-student's post-hoc corrections and allocation diagnostics) and ROOT/accuracy.json (every stage
-of every run, with its wall time and the exact overrides), after every finished run.
+student's post-hoc corrections and allocation diagnostics), ROOT/accuracy.json (every stage
+of every run, with its wall time and the exact overrides) and, for the dsink family,
+ROOT/accuracy_summary.md and ROOT/accuracy_summary.png (per setting CE, f_L, f_N and each student,
+mean +- std, as a table and as bars with error bars), after every finished run.
+
+The same summary from records already written (no training): the committed records under
+benchmarks/results/, one JSON list per run, as the README's table and picture are made:
+  python benchmarks/accuracy.py --summarize="benchmarks/results/cpu_*.json" \
+    --out=benchmarks/results/summary
 
 Shot groups: the library's defaults (many > 100, few < 20 training images) leave CIFAR-10-LT
 without a few-shot group (its smallest class keeps 50 images at ratio 100), so this table also
@@ -34,6 +41,7 @@ regroups the per-class accuracies with --many/--few (default 1500 / 200 for 10 c
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -145,6 +153,92 @@ def setting_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The rows of the summary: the teachers by role, then each student variant.
+ROLES = (("baseline", "CE"), ("imbalance_teacher", "f_L"), ("noise_teacher", "f_N"))
+
+
+def summary_groups(records: list[dict]) -> dict:
+    """{(setting, protocol): {column: [one record per seed]}}: the teachers by role (one per
+    seed), each student by variant. `protocol` is the whole-run overrides (`--set`)."""
+    groups: dict = {}
+    for r in records:
+        protocol = r.get("preset", "cpu") + "".join(
+            f", {k}={v}" for k, v in sorted((r.get("set") or {}).items()))
+        key = (r["setting"], protocol)
+        if r["name"] == "student":
+            column = f"student {r.get('variant') or 'default'}"
+        else:
+            column = dict(ROLES).get(r["name"], r["name"])
+            column = f"{column} ({r['loss']})"
+        seeds = groups.setdefault(key, {}).setdefault(column, {})
+        seeds.setdefault(r["seed"], r)  # a teacher appears once per student run of a seed
+    return {k: {c: [v[s] for s in sorted(v)] for c, v in cols.items()}
+            for k, cols in groups.items()}
+
+
+def summary_table(records: list[dict]) -> str:
+    """Per setting: CE, f_L, f_N and every student, overall (few-shot) accuracy, mean ± std,
+    and each student's margin over the best teacher (difference of the unrounded means)."""
+    lines = ["| setting | protocol | model | seeds | overall (few-shot) | student - best "
+             "teacher |", "|---|---|---|---|---|---|"]
+    for (setting, protocol), columns in summary_groups(records).items():
+        teachers = {c: rows for c, rows in columns.items() if not c.startswith("student")}
+        best = max((np.mean([r["test_accuracy"] for r in rows]) for rows in teachers.values()),
+                   default=None)
+        for column, rows in columns.items():
+            cell = (f"{mean_std([r['test_accuracy'] for r in rows])} "
+                    f"({mean_std([r.get('few_shot_accuracy') for r in rows])})")
+            margin = "-"
+            if column.startswith("student") and best is not None:
+                margin = f"{100 * (np.mean([r['test_accuracy'] for r in rows]) - best):+.2f}"
+            lines.append(f"| {setting} | {protocol} | {column} | "
+                         f"{', '.join(str(r['seed']) for r in rows)} | {cell} | {margin} |")
+    return "\n".join(lines)
+
+
+def summary_plot(records: list[dict], path: str) -> None:
+    """Bars: per setting, each teacher and student's mean test accuracy, error bars = std."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    groups = summary_groups(records)
+    columns = list(dict.fromkeys(c for cols in groups.values() for c in cols))
+    lowest = 100.0
+    width = 0.8 / max(len(columns), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
+    for j, column in enumerate(columns):
+        means, stds = [], []
+        for cols in groups.values():
+            values = [100 * r["test_accuracy"] for r in cols.get(column, [])]
+            means.append(np.mean(values) if values else np.nan)
+            stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        x = np.arange(len(groups)) + (j - (len(columns) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=stds, capsize=3, label=column)
+        lowest = min([lowest] + [m for m in means if np.isfinite(m)])
+    ax.set_ylim(bottom=max(0.0, 5 * np.floor(lowest / 5) - 10))  # the differences, visible
+    labels = [setting.replace(",", "\n") + "\n" + protocol.replace(", ", "\n")
+              for setting, protocol in groups]
+    ax.set_xticks(np.arange(len(groups)), labels, fontsize=7)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title("D-SINK student against its teachers")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(records: list[dict], prefix: str, header: str = "") -> str:
+    """PREFIX.md (the summary table) and PREFIX.png (its picture); returns the markdown."""
+    markdown = header + summary_table(records) + "\n"
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    with open(prefix + ".md", "w") as f:
+        f.write(markdown)
+    summary_plot(records, prefix + ".png")
+    return markdown
+
+
 def write_outputs(root: str, header: str, records: list[dict], settings: list[str],
                   args) -> str:
     sections = []
@@ -166,6 +260,8 @@ def write_outputs(root: str, header: str, records: list[dict], settings: list[st
         with open(os.path.join(root, name + ".tmp"), "w") as f:
             f.write(text)
         os.replace(os.path.join(root, name + ".tmp"), os.path.join(root, name))
+    if args.family == "dsink":
+        write_summary(records, os.path.join(root, "accuracy_summary"), header)
     return markdown
 
 
@@ -174,7 +270,11 @@ def main():
     parser.add_argument("--family", choices=sorted(BUILDERS), default="dsink")
     parser.add_argument("--data", default="npz:../shared/data/cifar10.npz")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--settings", required=True,
+    parser.add_argument("--summarize", default="",
+                        help="glob of accuracy.json record files: write --out.md / --out.png "
+                             "from them and train nothing")
+    parser.add_argument("--out", default="", help="--summarize: the output prefix")
+    parser.add_argument("--settings", default="",
                         help="';'-separated config argument strings, one per setting")
     parser.add_argument("--extra", default="", help="config arguments added to every setting")
     parser.add_argument("--set", default="", dest="overrides",
@@ -183,10 +283,19 @@ def main():
     parser.add_argument("--variants", default="",
                         help="dsink only: ';'-separated NAME:field=value,... student variants")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--root", required=True)
+    parser.add_argument("--root", default="")
     parser.add_argument("--many", type=int, default=1500, help="many-shot: more images than this")
     parser.add_argument("--few", type=int, default=200, help="few-shot: fewer images than this")
     args = parser.parse_args()
+    if args.summarize:
+        paths = sorted(glob.glob(args.summarize))
+        if not paths or not args.out:
+            parser.error(f"--summarize={args.summarize!r} matches no file, or --out is missing")
+        records = [r for path in paths for r in json.load(open(path))]
+        print(write_summary(records, args.out, f"Records: {', '.join(paths)}\n\n"))
+        return
+    if not args.settings or not args.root:
+        parser.error("--settings and --root are required (or --summarize)")
     if not 0 <= args.few <= args.many:
         parser.error(f"need 0 <= --few ({args.few}) <= --many ({args.many})")
     variants = parse_variants(args.variants) if args.variants else [(None, {})]
@@ -241,7 +350,7 @@ def main():
             records.append({**regroup(row, counts, args.many, args.few), "setting": setting,
                             "seed": seed, "variant": variant if row["name"] == "student" else None,
                             "overrides": overrides if row["name"] == "student" else None,
-                            "set": overrides_all, "class_counts": counts,
+                            "preset": args.preset, "set": overrides_all, "class_counts": counts,
                             "wall_seconds": wall, "run_seconds": seconds})
         markdown = write_outputs(args.root, header, records, settings, args)
     print(markdown)

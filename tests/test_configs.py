@@ -62,7 +62,7 @@ def test_validation_names_bad_value(field, value, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(configs.ConfigError, match="unknown preset 'fast'; allowed: paper, cpu, smoke"):
+    with pytest.raises(configs.ConfigError, match="unknown preset 'fast'; allowed: paper, cpu, smoke, cpu_long"):
         build(preset="fast")
 
 
@@ -97,3 +97,17 @@ def test_warm_start_needs_an_f_l_with_the_students_head():
     with pytest.raises(configs.ConfigError, match="ldam_drw.*cosine head"):
         pipelines.dsink.validate(config)
     pipelines.dsink.validate(dsink(init_from="imbalance_teacher"))  # la: accepted
+
+
+def test_cpu_presets_compute_in_bfloat16_on_cifar_only():
+    assert build(dataset="cifar10", preset="cpu").model.dtype == "bfloat16"
+    assert build(dataset="digits", preset="cpu").model.dtype == "float32"  # the main job
+    assert build(dataset="cifar10", preset="paper").model.dtype == "float32"
+    assert build(dataset="filelist:/x", preset="cpu").model.dtype == "float32"
+    long = pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, dataset="cifar10",
+                                             preset="cpu_long"))
+    short = pipelines.dsink.build_config(dict(pipelines.dsink.ARGS, dataset="cifar10"))
+    assert (long.optim.epochs, long.eval_every_epochs, long.model.name) == (100, 5, "resnet8")
+    # At 100 epochs the noise teacher of noise_loss="auto" is the robust loss, not CE.
+    assert pipelines.dsink.teacher_losses(long)["noise_teacher"] == "gce"
+    assert pipelines.dsink.teacher_losses(short)["noise_teacher"] == "ce"
