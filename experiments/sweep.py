@@ -6,7 +6,9 @@ Usage:
 
 Sweepable: alpha, epsilon, learning_rate, weight_decay, seed. The teachers are trained (or reused
 from DIR, the same stages `experiments/main.py` writes) first; members share the data stream and
-one teacher forward per batch. Results: DIR/sweep/<member>/results.json and DIR/sweep/summary.md.
+one teacher forward per batch (or one table lookup: dsink.teachers=cached). Results:
+DIR/<name>/<member>/results.json and DIR/<name>/summary.md (--name, default "sweep"; sweeps
+of other names stay side by side in DIR and share its teachers).
 """
 
 import logging
@@ -28,6 +30,8 @@ _MEMBERS = flags.DEFINE_enum("members", "vmap", ["vmap", "unroll"],
                              "vmap: batched member updates (accelerators, dense models); unroll: "
                              "written out one after another in the same program (conv nets on "
                              "CPU).")
+_NAME = flags.DEFINE_string("name", "sweep", "The sweep's directory in the workdir: sweeps of "
+                            "other names keep their results side by side, sharing the teachers.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,7 +48,8 @@ def main(argv):
                 f"sweeps train D-SINK students: use experiments/configs/dsink.py "
                 f"(got family {config.family!r})")
         grid = dsink.parse_sweep(_SWEEP.value)
-        dsink.run_sweep(config, _WORKDIR.value, grid, members_mode=_MEMBERS.value)
+        dsink.run_sweep(config, _WORKDIR.value, grid, members_mode=_MEMBERS.value,
+                        name=_NAME.value)
     except (configs_lib.ConfigError, PermissionError, ValueError, WorkdirBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

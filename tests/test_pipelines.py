@@ -213,6 +213,20 @@ def test_sweep_member_equals_the_single_run_and_shares_teachers(dsink_run):
         assert os.listdir(os.path.join(member_dir, "tensorboard"))
 
 
+def test_named_sweeps_stay_side_by_side_and_share_the_teachers(dsink_run, capsys):
+    workdir, _ = dsink_run
+    config = dsink_smoke_config()
+    for name, alpha in (("sweep_a", 1.0), ("sweep_b", 3.0)):
+        pipelines.dsink.run_sweep(config, workdir, {"alpha": [alpha]}, name=name)
+    assert capsys.readouterr().out.count("reusing the finished stage") == 6  # 3 teachers x 2
+    for name, member in (("sweep_a", "alpha1"), ("sweep_b", "alpha3")):
+        summary = json.loads(open(os.path.join(workdir, name, "summary.json")).read())
+        assert [m["name"] for m in summary["members"]] == [member]
+    for bad in ("student", "ce", "a/b", ""):
+        with pytest.raises(configs.ConfigError, match="sweep name"):
+            pipelines.dsink.run_sweep(config, workdir, {"alpha": [1.0]}, name=bad)
+
+
 def test_a_diverged_member_is_reported_and_the_others_go_on(dsink_run):
     workdir, _ = dsink_run
     config = dsink_smoke_config()

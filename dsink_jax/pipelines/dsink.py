@@ -509,17 +509,22 @@ def init_members(method, members: list[dict], sample_images: np.ndarray):
 
 
 def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
-              members_mode: str = "vmap") -> dict:
+              members_mode: str = "vmap", name: str = "sweep") -> dict:
     """Trains the teachers (or reuses them), then every student of `grid` in one program.
 
     The students are a sweep of the one training loop (`dsink_jax.train.loop.train` with
     `members`): each gets the metrics, evaluations and results of a single run in
-    `workdir/sweep/<member>/`, and a member with the config's own values and seed trains the
-    same student as `experiments/main.py`. Writes `workdir/sweep/summary.md` and
+    `workdir/<name>/<member>/`, and a member with the config's own values and seed trains the
+    same student as `experiments/main.py`. Writes `workdir/<name>/summary.md` and
     `summary.json` (members ranked by test accuracy, diverged members last). Resumes from
-    `workdir/sweep/checkpoints`.
+    `workdir/<name>/checkpoints`; another grid or config under the same name replaces it, so
+    sweeps that should stay side by side in one workdir (sharing its teachers) take their own
+    names.
     """
     validate(config)
+    require(bool(name) and name == os.path.basename(name) and name not in LOSS_NAMES + (
+        "plots", config.dsink.stage_name), f"sweep name {name!r} must be a plain directory name "
+            f"other than a loss name, 'plots' or the student's dsink.stage_name")
     check_workdir(workdir)
     for field, allowed in SWEEP_SUPPORTS.items():
         if config.dsink[field] not in allowed:
@@ -531,25 +536,25 @@ def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
                          f"{', '.join(step_lib.MEMBER_MODES)}")
     members = members_of(grid, config)
     with WorkdirLock(workdir):
-        return _run_sweep(config, workdir, members, members_mode)
+        return _run_sweep(config, workdir, members, members_mode, name)
 
 
-def _run_sweep(config, workdir, members, members_mode):
+def _run_sweep(config, workdir, members, members_mode, name):
     training_set = prepare_training_set(config)
     check_teacher_cache(config, training_set)
     teachers = train_teachers(config, workdir, training_set)
     student = student_config(config)
     method = build_method(student, training_set, objective=teachers["objective"],
                           teacher_models=teachers["teacher_models"])
-    sweep_dir = os.path.join(workdir, "sweep")
+    sweep_dir = os.path.join(workdir, name)
     claim_stage_dir(sweep_dir, {**stage_identity(student, "dsink"),
                                 "dsink": config.dsink.to_dict(),
                                 "teachers": teachers["fingerprints"], "members": members,
-                                "mode": members_mode}, "sweep")
+                                "mode": members_mode}, name)
     start = time.perf_counter()
     results, _ = loop.train(
         student, sweep_dir, training_set=training_set, method=method,
-        teacher_variables=teachers["teacher_variables"], name="sweep",
+        teacher_variables=teachers["teacher_variables"], name=name,
         members=loop.Members(names=tuple(m["name"] for m in members),
                              states=init_members(method, members, training_set.sample_images),
                              mode=members_mode))

@@ -23,7 +23,7 @@ from dsink_jax import losses, ot
 from dsink_jax.models import classifier_weights
 from dsink_jax.losses.dsink import distillation_terms, dsink_loss
 
-LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr")
+LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr", "gce_la", "sce_la")
 # What each loss is robust to; used by docs and result tables.
 LOSS_KIND = {
     "ce": "none",
@@ -33,6 +33,10 @@ LOSS_KIND = {
     "gce": "noise",
     "sce": "noise",
     "elr": "noise",
+    # (ours) a noise-robust loss on logit-adjusted logits: GCE / SCE of (logits + tau log
+    # prior), so that the robust loss also gives the tail its share (la_tau, given labels).
+    "gce_la": "noise+imbalance",
+    "sce_la": "noise+imbalance",
 }
 # The model head each loss trains (LDAM's margins are on cosine logits).
 LOSS_HEADS = {name: "cosine" if name == "ldam_drw" else "linear" for name in LOSS_NAMES}
@@ -108,6 +112,7 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
     counts = np.asarray(class_counts, np.float64)
     num_classes = counts.shape[0]
     prior = jnp.asarray(np.maximum(counts, 1) / np.maximum(counts, 1).sum(), jnp.float32)
+    adjustment = float(options.la_tau) * jnp.log(prior)  # of the *_la robust losses
 
     def wrap(per_example):
         def fn(logits, labels, *, extra, **unused):
@@ -124,14 +129,16 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
     if name == "balanced_softmax":
         return Objective(name, wrap(
             lambda lg, y: losses.balanced_softmax_loss(lg, y, class_prior=prior)), _no_extra)
-    if name == "gce":
+    if name in ("gce", "gce_la"):
         q = float(options.gce_q)
+        shift = adjustment if name == "gce_la" else 0.0
         return Objective(name, wrap(
-            lambda lg, y: losses.generalized_cross_entropy(lg, y, q=q)), _no_extra)
-    if name == "sce":
+            lambda lg, y: losses.generalized_cross_entropy(lg + shift, y, q=q)), _no_extra)
+    if name in ("sce", "sce_la"):
         a, b = float(options.sce_alpha), float(options.sce_beta)
-        return Objective(name, wrap(
-            lambda lg, y: losses.symmetric_cross_entropy(lg, y, alpha=a, beta=b)), _no_extra)
+        shift = adjustment if name == "sce_la" else 0.0
+        return Objective(name, wrap(lambda lg, y: losses.symmetric_cross_entropy(
+            lg + shift, y, alpha=a, beta=b)), _no_extra)
     if name == "ldam_drw":
         margins = losses.ldam_margins(counts, max_margin=float(options.ldam_max_margin))
         weights = losses.drw_class_weights(counts, beta=float(options.drw_beta))

@@ -293,3 +293,25 @@ def test_the_dataset_solve_with_a_student_logit_adjustment_needs_class_counts():
         objectives.dataset_allocation_refresh(
             options(allocation="dataset", student_logit_adjustment=1.0),
             noise_teacher_logits=noise_logits, class_mass=MASS, every_epochs=1)
+
+
+@pytest.mark.parametrize("name,robust", [("gce_la", "generalized_cross_entropy"),
+                                         ("sce_la", "symmetric_cross_entropy")])
+def test_robust_losses_with_logit_adjustment_shift_the_logits_by_tau_log_prior(name, robust):
+    from dsink_jax import configs, losses
+
+    opts = ml_collections.ConfigDict(dict(configs.LOSS_DEFAULTS, la_tau=0.5))
+    objective = objectives.make_objective(name, opts, class_counts=COUNTS, num_train=N,
+                                          steps_per_epoch=10, epochs=2)
+    logits, _, _, labels, indices = batch()
+    got, _, _ = objective(logits, labels, indices=indices, extra={}, step=0)
+    prior = COUNTS / COUNTS.sum()
+    kwargs = ({"q": opts.gce_q} if name == "gce_la" else
+              {"alpha": opts.sce_alpha, "beta": opts.sce_beta})
+    want = getattr(losses, robust)(logits + 0.5 * jnp.log(prior), labels, **kwargs)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plain, _, _ = objectives.make_objective(name[:-3], opts, class_counts=COUNTS, num_train=N,
+                                            steps_per_epoch=10, epochs=2)(
+        logits, labels, indices=indices, extra={}, step=0)
+    assert not np.allclose(plain, got)  # the adjustment matters
+    assert objectives.LOSS_KIND[name] == "noise+imbalance"
