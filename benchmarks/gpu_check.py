@@ -65,7 +65,8 @@ def section_commands(name: str, *, tiny: bool, work: Path, gpu: bool) -> list[li
     py, bench = sys.executable, str(ROOT / "benchmarks")
     record = str(work / f"{name}.json")
     if name == "train_step":
-        args = ["--model", "resnet8" if tiny else "resnet32", "--variants", "fp32,bf16",
+        args = ["--model", "resnet8" if tiny else "resnet32",
+                "--variants", "fp32" if tiny else "fp32,bf16",
                 "--platform", "gpu" if gpu else "cpu", "--json", record]
         args += (["--batch-size", "16", "--repeats", "1", "--steps-per-repeat", "1",
                   "--warmup", "0"] if tiny else
@@ -89,13 +90,13 @@ def section_commands(name: str, *, tiny: bool, work: Path, gpu: bool) -> list[li
         overrides = ["--config.optim.epochs=1", "--config.eval_every_epochs=1",
                      "--config.progress=False"]
         if tiny:
-            overrides += ["--config.model.name=resnet8", "--config.optim.batch_size=16"]
+            overrides += ["--config.model.name=cnn", "--config.optim.batch_size=16"]
         config = (f"{ROOT}/experiments/configs/baseline.py:dataset=npz:{data},imbalance=100,"
                   "noise=sym,noise_rate=0.4,preset=paper")
         return [[py, str(ROOT / "experiments" / "main.py"), f"--config={config}", *overrides,
                  f"--workdir={work / 'paper_epoch'}"]]
     if name == "streaming":
-        args = (["--images", "48", "--workers", "0,1", "--batch-size", "8", "--batches", "2",
+        args = (["--images", "48", "--workers", "0", "--batch-size", "8", "--batches", "2",
                  "--image-size", "32", "--model", "cnn", "--step-batch", "4",
                  "--step-repeats", "1", "--repeats", "1"] if tiny else
                 ["--images", "1024", "--workers", "0,4,8,15", "--batch-size", "128",

@@ -25,6 +25,7 @@ def run_script(name: str, *args: str, timeout: int = 600) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow(seconds=100)
 def test_gpu_check_runs_every_section_on_the_cpu_at_tiny_sizes(tmp_path):
     from benchmarks import gpu_check
 
@@ -62,6 +63,7 @@ def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path, monkeypatch):
     assert record["sections"]["sweep"]["status"] == "skipped: no time left in the budget"
 
 
+@pytest.mark.slow(seconds=15)
 def test_accuracy_writes_the_table_and_the_records(tmp_path):
     out = run_script("accuracy.py", "--family=dsink", "--data=digits", "--preset=smoke",
                      "--settings=imbalance=10,noise=sym,noise_rate=0.2", "--seeds=0",
@@ -91,6 +93,7 @@ def test_build_cifar_lt_on_a_small_npz(tmp_path):
     assert "50" in out and "realised" in out.lower()
 
 
+@pytest.mark.slow(seconds=10)
 @pytest.mark.parametrize("name,args", [
     ("allocation.py", ["--sizes", "8x4", "--repeats", "1", "--pot_repeats", "1"]),
     ("potential.py", ["--num-classes", "4", "--dim", "8", "--batch-size", "8", "--num-samples",

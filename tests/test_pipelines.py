@@ -9,6 +9,9 @@ import pytest
 
 from dsink_jax import configs, pipelines
 
+# The tests share a module fixture: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("dsink_run")
+
 
 def dsink_smoke_config(**overrides):
     args = dict(pipelines.dsink.ARGS, preset="smoke", noise="sym", noise_rate=0.3)

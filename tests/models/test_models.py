@@ -139,6 +139,7 @@ def test_imagenet_resnets_have_torchvisions_parameter_counts():
         assert count_params(variables["params"]) == expected, name
 
 
+@pytest.mark.slow(seconds=14)
 def test_tiny_imagenet_resnet_trains_a_step_in_bfloat16():
     model = get_model("resnext50_tiny", num_classes=NUM_CLASSES, dtype=jnp.bfloat16)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)), jnp.float32)

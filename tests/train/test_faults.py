@@ -20,8 +20,11 @@ import pytest
 
 from dsink_jax.train.checkpoint import Checkpointer
 
+# The tests share a module fixture: one worker builds it once.
+pytestmark = pytest.mark.xdist_group("faults")
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-EPOCHS = 12
+EPOCHS = 8
 ARGS = ["--config=experiments/configs/baseline.py:preset=smoke,loss=elr,noise_rate=0.3",
         f"--config.optim.epochs={EPOCHS}", "--config.checkpoint_every_epochs=1",
         "--config.eval_every_epochs=1", "--config.keep_checkpoints=3"]
@@ -76,10 +79,11 @@ def uninterrupted(tmp_path_factory):
     return _fingerprint(workdir), _steps_per_epoch(workdir)
 
 
+@pytest.mark.slow(seconds=30)
 def test_kill9_at_random_steps_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
     fingerprint, steps_per_epoch = uninterrupted
     rng = random.Random(0)
-    for epoch in (3, 7):  # kill somewhere after the checkpoint of this epoch appeared
+    for epoch in (2, 5):  # kill somewhere after the checkpoint of this epoch appeared
         target = epoch * steps_per_epoch
         proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,9 +101,10 @@ def test_kill9_at_random_steps_then_resume_is_bitwise_identical(tmp_path, uninte
     assert _fingerprint(tmp_path) == fingerprint
 
 
+@pytest.mark.slow(seconds=20)
 def test_kill9_inside_a_checkpoint_save_then_resume(tmp_path, uninterrupted):
     fingerprint, steps_per_epoch = uninterrupted
-    for epoch in (5,):
+    for epoch in (4,):
         kill_at = epoch * steps_per_epoch
         proc = subprocess.run(_command(tmp_path), cwd=ROOT, env=_env(KILL_IN_SAVE=str(kill_at)),
                               capture_output=True, timeout=600)

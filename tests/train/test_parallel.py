@@ -3,6 +3,8 @@ the 1-device result for the same global batch."""
 
 import textwrap
 
+import pytest
+
 # What both launches share: the two data sources and one training call. The in-memory runs
 # are the digits (8x8) with the CNN; the streamed ones a folder of JPEGs read by a grain
 # worker, whose per-step record indices are recorded ("seen") as each process reads them.
@@ -83,6 +85,7 @@ ONE_PROCESS = PRELUDE + textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow(seconds=60)
 def test_hosts_and_devices_match_one_device(tmp_path):
     """One launch checks every data-parallel layout against one device.
 

@@ -78,6 +78,7 @@ def test_processes_other_than_0_never_lock(tmp_path, monkeypatch):
         sleeper.wait()
 
 
+@pytest.mark.slow(seconds=14)
 def test_the_same_command_twice_stops_the_second_before_training(tmp_path):
     command = [sys.executable, os.path.join(REPO, "experiments", "main.py"),
                "--config=" + os.path.join(REPO, "experiments", "configs", "baseline.py")
