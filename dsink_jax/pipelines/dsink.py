@@ -197,10 +197,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(d.inference != "class_mass" or d.allocation != "batch" or d.class_mass == "global",
              "dsink.inference=class_mass needs the training-set class mass: dsink.allocation="
              "dataset or online, or dsink.class_mass=global")
-    require(bool(d.stage_name) and d.stage_name == os.path.basename(d.stage_name)
-             and d.stage_name not in LOSS_NAMES + ("plots",),
+    require(_is_stage_dir_name(d.stage_name),
              f"dsink.stage_name={d.stage_name!r} must be a plain directory name other than a "
              f"loss name or 'plots'")
+
+
+def _is_stage_dir_name(name: str) -> bool:
+    """A directory of its own in the workdir: no path, and not a teacher's or the plots'."""
+    return bool(name) and name == os.path.basename(name) and name not in LOSS_NAMES + ("plots",)
 
 
 def teacher_losses(config) -> dict[str, str]:
@@ -522,9 +526,9 @@ def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
     names.
     """
     validate(config)
-    require(bool(name) and name == os.path.basename(name) and name not in LOSS_NAMES + (
-        "plots", config.dsink.stage_name), f"sweep name {name!r} must be a plain directory name "
-            f"other than a loss name, 'plots' or the student's dsink.stage_name")
+    require(_is_stage_dir_name(name) and name != config.dsink.stage_name,
+            f"sweep name {name!r} must be a plain directory name other than a loss name, "
+            f"'plots' or the student's dsink.stage_name")
     check_workdir(workdir)
     for field, allowed in SWEEP_SUPPORTS.items():
         if config.dsink[field] not in allowed:
