@@ -157,14 +157,19 @@ def setting_table(records: list[dict]) -> str:
 ROLES = (("baseline", "CE"), ("imbalance_teacher", "f_L"), ("noise_teacher", "f_N"))
 
 
+def protocol_label(record: dict) -> str:
+    """What the teachers were trained with: "cpu: resnet8, bfloat16, 30 epochs"."""
+    p = record.get("protocol") or {}
+    return f"{p.get('preset', '?')}: {p.get('model', '?')}, {p.get('dtype', '?')}, " \
+           f"{p.get('epochs', '?')} epochs"
+
+
 def summary_groups(records: list[dict]) -> dict:
     """{(setting, protocol): {column: [one record per seed]}}: the teachers by role (one per
     seed), each student by variant. `protocol` is the whole-run overrides (`--set`)."""
     groups: dict = {}
     for r in records:
-        protocol = r.get("preset", "cpu") + "".join(
-            f", {k}={v}" for k, v in sorted((r.get("set") or {}).items()))
-        key = (r["setting"], protocol)
+        key = (r["setting"], protocol_label(r))
         if r["name"] == "student":
             column = f"student {r.get('variant') or 'default'}"
         else:
@@ -178,17 +183,21 @@ def summary_groups(records: list[dict]) -> dict:
 
 def summary_table(records: list[dict]) -> str:
     """Per setting: CE, f_L, f_N and every student, overall (few-shot) accuracy, mean ± std,
-    and each student's margin over the best teacher (difference of the unrounded means)."""
+    and each student's margin over the best teacher (difference of the unrounded means over
+    the student's seeds)."""
     lines = ["| setting | protocol | model | seeds | overall (few-shot) | student - best "
              "teacher |", "|---|---|---|---|---|---|"]
     for (setting, protocol), columns in summary_groups(records).items():
         teachers = {c: rows for c, rows in columns.items() if not c.startswith("student")}
-        best = max((np.mean([r["test_accuracy"] for r in rows]) for rows in teachers.values()),
-                   default=None)
         for column, rows in columns.items():
             cell = (f"{mean_std([r['test_accuracy'] for r in rows])} "
                     f"({mean_std([r.get('few_shot_accuracy') for r in rows])})")
             margin = "-"
+            seeds = {r["seed"] for r in rows}
+            # Against each teacher's mean over the student's own seeds.
+            best = max((np.mean([t["test_accuracy"] for t in ts if t["seed"] in seeds])
+                        for ts in teachers.values()
+                        if seeds <= {t["seed"] for t in ts}), default=None)
             if column.startswith("student") and best is not None:
                 margin = f"{100 * (np.mean([r['test_accuracy'] for r in rows]) - best):+.2f}"
             lines.append(f"| {setting} | {protocol} | {column} | "
@@ -217,7 +226,7 @@ def summary_plot(records: list[dict], path: str) -> None:
         ax.bar(x, means, width, yerr=stds, capsize=3, label=column)
         lowest = min([lowest] + [m for m in means if np.isfinite(m)])
     ax.set_ylim(bottom=max(0.0, 5 * np.floor(lowest / 5) - 10))  # the differences, visible
-    labels = [setting.replace(",", "\n") + "\n" + protocol.replace(", ", "\n")
+    labels = [setting.replace(",", "\n") + "\n" + protocol.replace(": ", "\n")
               for setting, protocol in groups]
     ax.set_xticks(np.arange(len(groups)), labels, fontsize=7)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
@@ -350,7 +359,10 @@ def main():
             records.append({**regroup(row, counts, args.many, args.few), "setting": setting,
                             "seed": seed, "variant": variant if row["name"] == "student" else None,
                             "overrides": overrides if row["name"] == "student" else None,
-                            "preset": args.preset, "set": overrides_all, "class_counts": counts,
+                            "set": overrides_all, "protocol": {
+                                "preset": args.preset, "model": config.model.name,
+                                "dtype": config.model.dtype, "epochs": config.optim.epochs},
+                            "class_counts": counts,
                             "wall_seconds": wall, "run_seconds": seconds})
         markdown = write_outputs(args.root, header, records, settings, args)
     print(markdown)

@@ -74,7 +74,8 @@ def test_accuracy_writes_the_table_and_the_records(tmp_path):
     assert "| student (f_L la, f_N ce) | 1 |" in (tmp_path / "accuracy.md").read_text()
     assert "student" in out
     summary = (tmp_path / "accuracy_summary.md").read_text()
-    assert "| imbalance=10,noise=sym,noise_rate=0.2 | smoke | student default | 0 |" in summary
+    assert ("| imbalance=10,noise=sym,noise_rate=0.2 | smoke: mlp, float32, 2 epochs | "
+            "student default | 0 |") in summary
     assert (tmp_path / "accuracy_summary.png").read_bytes()[:4] == b"\x89PNG"
     # The same table from the records alone, as the README's is made.
     run_script("accuracy.py", f"--summarize={tmp_path}/accuracy.json", f"--out={tmp_path}/again")
