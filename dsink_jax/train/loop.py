@@ -327,7 +327,15 @@ def _train(config, workdir, *, training_set, method, teacher_variables, name, ep
                         "images_per_sec": counted * batch_size / max(seconds, 1e-9),
                         "diverged_at_step": diverged[m]}
                        for m, em in enumerate(epoch_metrics)]
-            if done % config.eval_every_epochs == 0 or done == epochs:
+            evaluated = done % config.eval_every_epochs == 0 or done == epochs
+            if config.progress and not interactive and not evaluated:
+                # In a log file, a line per epoch (the evaluations add theirs below).
+                losses = [em["loss"] for em in epoch_metrics]
+                print(f"[{label}] epoch {done}/{epochs} loss "
+                      f"{np.mean(losses):.4f}{' (mean of members)' if members else ''}, "
+                      f"{records[0]['images_per_sec']:.0f} images/s", file=sys.stderr,
+                      flush=True)
+            if evaluated:
                 evaluations = evaluate(state)
                 if done == epochs:
                     final = evaluations

@@ -26,6 +26,17 @@ def digits_set():
     return pipelines.prepare_training_set(smoke_config())
 
 
+def test_a_log_file_gets_a_progress_line_every_epoch(tmp_path, digits_set, capsys):
+    config = smoke_config()
+    config.progress = True  # stderr is not a terminal here: lines, not a bar
+    config.optim.epochs, config.eval_every_epochs = 3, 2
+    method = pipelines.build_method(config, digits_set)
+    loop.train(config, str(tmp_path), training_set=digits_set, method=method, name="m")
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[m]")]
+    assert [l.split(" loss ")[0] for l in lines] == [f"[m] epoch {k}/3" for k in (1, 2, 3)]
+    assert "images/s" in lines[0] and "test accuracy" in lines[1] and "test accuracy" in lines[2]
+
+
 class _Interrupt(Exception):
     pass
 
