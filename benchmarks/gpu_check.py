@@ -27,7 +27,8 @@ Sections (each the benchmark script of that name, whose docstring says what it t
   JPEGs, random resized crop to 224) against the ResNet-50 step it feeds: is the GPU kept busy?
 
 Writes OUT/gpu_check.json (every section's own JSON record, its command, seconds and status)
-and OUT/gpu_check.md (one table of the headline figures, then each section's status).
+and OUT/gpu_check.md (one table of the headline figures, then each section's status), nothing
+else: the sections' data, JPEGs and workdirs go to --work.
 """
 from __future__ import annotations
 
@@ -196,7 +197,10 @@ def device_line() -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for gpu_check.json / .md")
+    parser.add_argument("--out", required=True, help="folder for gpu_check.json / .md (only)")
+    parser.add_argument("--work", default="/tmp/dsink_gpu_check",
+                        help="scratch folder: the sections' records, data and workdirs, kept "
+                             "out of --out so that only the two results travel back")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny sizes on the CPU (the suite's smoke run)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
@@ -215,8 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
-    work = out / "work"
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     gpu = not args.tiny
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",

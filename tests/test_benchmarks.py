@@ -29,7 +29,7 @@ def run_script(name: str, *args: str, timeout: int = 600) -> str:
 def test_gpu_check_runs_every_section_on_the_cpu_at_tiny_sizes(tmp_path):
     from benchmarks import gpu_check
 
-    run_script("gpu_check.py", "--tiny", "--out", tmp_path)
+    run_script("gpu_check.py", "--tiny", "--out", tmp_path, "--work", tmp_path / "work")
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {name: s["status"] for name, s in record["sections"].items()} == {
         name: "ok" for name in gpu_check.SECTIONS}
@@ -38,6 +38,9 @@ def test_gpu_check_runs_every_section_on_the_cpu_at_tiny_sizes(tmp_path):
                 "paper preset, one epoch of CIFAR-10-LT r100", "GPU kept busy",
                 "train step, fp32"):
         assert row in table, row
+    # Only the two results are written to --out (what a device call brings back).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md",
+                                                          "work"]
     epoch = record["sections"]["paper_epoch"]["record"]
     assert epoch["images_per_sec"] > 0 and epoch["data"]["num_train"] < 1200  # long-tailed
 
@@ -50,7 +53,7 @@ def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path, monkeypatch):
                         lambda name, **_: [[sys.executable, "-c", fakes[name]]])
     monkeypatch.setattr(gpu_check, "write_synthetic_cifar", lambda *args: None)
     status = gpu_check.main(["--tiny", "--sections", "sweep,paper_epoch", "--out",
-                             str(tmp_path)])
+                             str(tmp_path), "--work", str(tmp_path / "work")])
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert status == 1
     assert record["sections"]["sweep"]["status"] == "failed: exit status 3"
@@ -58,7 +61,8 @@ def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path, monkeypatch):
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| sweep | failed: exit status 3 |" in table
     # A budget spent before a section starts skips it, and says so.
-    gpu_check.main(["--tiny", "--sections", "sweep", "--budget-s", "1", "--out", str(tmp_path)])
+    gpu_check.main(["--tiny", "--sections", "sweep", "--budget-s", "1", "--out", str(tmp_path),
+                    "--work", str(tmp_path / "work")])
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert record["sections"]["sweep"]["status"] == "skipped: no time left in the budget"
 
