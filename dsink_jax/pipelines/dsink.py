@@ -66,7 +66,7 @@ ARGS: dict[str, Any] = {
     "student_logit_adjustment": 1.0,
     "base_loss": "ce",
     "init_from": "scratch",
-    "teachers": "forward",
+    "teachers": "cached",
 }
 
 
@@ -122,9 +122,11 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         # (ours) epochs of the student stage; 0 = optim.epochs, as the teachers (a
         # compute-matched control for the warm start trains the student longer).
         c.dsink.student_epochs = 0
-        # (ours) "forward" (the teachers run on every step's augmented view) or "cached"
-        # (their log-probabilities on the unaugmented training images, computed once per
-        # stage and looked up by index: a D-SINK step at the cost of a CE step).
+        # (ours) "cached" (the default: the teachers' log-probabilities on the unaugmented
+        # training images, computed once per stage and looked up by index: a D-SINK step at
+        # 1.02-1.03x a CE step; CIFAR-10-LT r100 sym 0.4, seeds 0 and 1, student 42.3 / 42.6 %
+        # against 41.7 / 43.0 % with "forward") or "forward" (the teachers run on every step's
+        # augmented view).
         c.dsink.teachers = args["teachers"]
         # (ours) "cached" only: 0 keeps every class's log-probability (N x C per teacher); k
         # keeps the k largest per example, the rest of the mass spread evenly (N x (2k + 1)).
