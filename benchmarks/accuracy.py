@@ -213,18 +213,21 @@ def summary_plot(records: list[dict], path: str) -> None:
 
     groups = summary_groups(records)
     columns = list(dict.fromkeys(c for cols in groups.values() for c in cols))
-    lowest = 100.0
-    width = 0.8 / max(len(columns), 1)
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(columns)}
+    width = 0.8 / max(max(len(cols) for cols in groups.values()), 1)
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4.5))
-    for j, column in enumerate(columns):
-        means, stds = [], []
-        for cols in groups.values():
-            values = [100 * r["test_accuracy"] for r in cols.get(column, [])]
-            means.append(np.mean(values) if values else np.nan)
-            stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
-        x = np.arange(len(groups)) + (j - (len(columns) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=stds, capsize=3, label=column)
-        lowest = min([lowest] + [m for m in means if np.isfinite(m)])
+    lowest, labelled = 100.0, set()
+    for g, cols in enumerate(groups.values()):  # each group's own columns, centred on it
+        for j, (column, rows) in enumerate(cols.items()):
+            values = [100 * r["test_accuracy"] for r in rows]
+            x = g + (j - (len(cols) - 1) / 2) * width
+            std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+            ax.bar(x, np.mean(values), width, yerr=std, capsize=3, color=colors[column],
+                   label=None if column in labelled else column)
+            labelled.add(column)
+            ax.text(x, np.mean(values) + std + 0.3, f"{np.mean(values):.1f}\nn={len(values)}",
+                    ha="center", va="bottom", fontsize=6)
+            lowest = min(lowest, float(np.mean(values)))
     ax.set_ylim(bottom=max(0.0, 5 * np.floor(lowest / 5) - 10))  # the differences, visible
     labels = [setting.replace(",", "\n") + "\n" + protocol.replace(": ", "\n")
               for setting, protocol in groups]
