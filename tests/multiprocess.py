@@ -19,6 +19,11 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def xla_flags(*flags: str) -> str:
+    """This process's XLA_FLAGS (the suite's, see conftest.py) with `flags` added."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 def start_processes(script: str, num_processes: int, *args, devices: int) -> list:
     """Starts `num_processes` copies of `script` on CPU with `devices` forced host devices.
 
@@ -26,7 +31,7 @@ def start_processes(script: str, num_processes: int, *args, devices: int) -> lis
     """
     port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return [subprocess.Popen([sys.executable, "-c", script, str(i), str(num_processes), port,
                               *map(str, args)], env=env, cwd=ROOT, stdout=subprocess.PIPE,

@@ -15,6 +15,7 @@ import scipy.special
 
 from dsink_jax.losses.dsink import distillation_terms, dsink_loss, global_class_mass
 from dsink_jax.ot.sinkhorn import sinkhorn_allocation
+from tests.multiprocess import xla_flags
 
 B, C = 12, 4
 ITERS = 300  # one static count throughout, so each shape compiles once
@@ -269,7 +270,7 @@ def test_batch_sharded_over_devices_matches_single_device():
         print("OK")
     """)
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run([sys.executable, "-c", script], env=env,
