@@ -221,13 +221,14 @@ def summary_plot(records: list[dict], path: str) -> None:
         for j, (column, rows) in enumerate(cols.items()):
             values = [100 * r["test_accuracy"] for r in rows]
             x = g + (j - (len(cols) - 1) / 2) * width
+            mean = float(np.mean(values))
             std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-            ax.bar(x, np.mean(values), width, yerr=std, capsize=3, color=colors[column],
+            ax.bar(x, mean, width, yerr=std, capsize=3, color=colors[column],
                    label=None if column in labelled else column)
             labelled.add(column)
-            ax.text(x, np.mean(values) + std + 0.3, f"{np.mean(values):.1f}\nn={len(values)}",
+            ax.text(x, mean + std + 0.3, f"{mean:.1f}\nn={len(values)}",
                     ha="center", va="bottom", fontsize=6)
-            lowest = min(lowest, float(np.mean(values)))
+            lowest = min(lowest, mean)
     ax.set_ylim(bottom=max(0.0, 5 * np.floor(lowest / 5) - 10))  # the differences, visible
     labels = [setting.replace(",", "\n") + "\n" + protocol.replace(": ", "\n")
               for setting, protocol in groups]

@@ -10,7 +10,7 @@ import pytest
 from dsink_jax import configs, pipelines
 
 # The tests share a module fixture: one worker builds it once.
-pytestmark = pytest.mark.xdist_group(name="dsink_run")
+pytestmark = pytest.mark.xdist_group("dsink_run")
 
 
 def dsink_smoke_config(**overrides):

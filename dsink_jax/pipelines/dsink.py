@@ -124,7 +124,7 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         c.dsink.student_epochs = 0
         # (ours) "cached" (the default: the teachers' log-probabilities on the unaugmented
         # training images, computed once per stage and looked up by index: a D-SINK step at
-        # 1.02-1.03x a CE step; CIFAR-10-LT r100 sym 0.4, seeds 0 and 1, student 42.3 / 42.6 %
+        # 1.015-1.035x a CE step; CIFAR-10-LT r100 sym 0.4, seeds 0 and 1, student 42.3 / 42.6 %
         # against 41.7 / 43.0 % with "forward") or "forward" (the teachers run on every step's
         # augmented view).
         c.dsink.teachers = args["teachers"]

@@ -7,8 +7,8 @@ online), class_mass_prior (label_prior | none), student_logit_adjustment (defaul
 class_mass (batch | global, batch allocation only), imbalance_loss (default la), noise_loss
 (default auto: CE up to 30 epochs, else GCE), base_loss, init_from, num_iters (Sinkhorn
 iterations, default 50), teachers (cached | forward, default cached: the frozen teachers'
-outputs computed once per stage and looked up by index). The defaults marked "ours" in docs/method.md were chosen from the
-measurements in the README.
+outputs computed once per stage and looked up by index). The defaults marked "ours" in
+docs/method.md were chosen from the measurements in the README.
 
 Offline default, the README's main job (about 35-60 s on 2 CPU cores):
   python experiments/main.py --config=experiments/configs/dsink.py --workdir=runs/dsink_digits

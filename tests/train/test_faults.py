@@ -21,7 +21,7 @@ import pytest
 from dsink_jax.train.checkpoint import Checkpointer
 
 # The tests share a module fixture: one worker builds it once.
-pytestmark = pytest.mark.xdist_group(name="faults")
+pytestmark = pytest.mark.xdist_group("faults")
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EPOCHS = 8
