@@ -62,8 +62,23 @@ def test_validation_names_bad_value(field, value, message):
 
 
 def test_unknown_preset():
-    with pytest.raises(configs.ConfigError, match="unknown preset 'fast'; allowed: paper, cpu, smoke, cpu_long"):
+    with pytest.raises(configs.ConfigError, match="unknown preset 'fast'; allowed: paper, cpu, smoke, cpu_long, cpu_memorise"):
         build(preset="fast")
+
+
+def test_cpu_memorise_preset_trains_without_augmentation():
+    memorise, cpu = build(dataset="cifar10", preset="cpu_memorise"), build(dataset="cifar10")
+    assert (memorise.data.crop_padding, memorise.data.flip) == (0, False)
+    assert (cpu.data.crop_padding, cpu.data.flip) == (4, True)
+    assert (memorise.optim.epochs, memorise.eval_every_epochs, memorise.model.name) == (
+        40, 2, "resnet8")
+    digits = build(dataset="digits", preset="cpu_memorise")
+    assert (digits.data.crop_padding, digits.model.name) == (0, "mlp")
+    assert build(dataset="digits").data.crop_padding == 1
+    with pytest.raises(configs.ConfigError,
+                       match="preset 'cpu_memorise' is for in-memory datasets.*use one of: "
+                             "paper, cpu, cpu_long, smoke"):
+        build(dataset="filelist:/x", preset="cpu_memorise")
 
 
 def dsink(**kw):
