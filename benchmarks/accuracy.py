@@ -157,11 +157,22 @@ def setting_table(records: list[dict]) -> str:
 ROLES = (("baseline", "CE"), ("imbalance_teacher", "f_L"), ("noise_teacher", "f_N"))
 
 
+def augmented(record: dict) -> bool:
+    """Whether the run trained with crop or flip: its protocol says so, or (records written
+    before the protocol carried it) its `--set` overrides turned both off."""
+    p, given = record.get("protocol") or {}, record.get("set") or {}
+    if "augment" in p:
+        return bool(p["augment"])
+    return not (str(given.get("data.crop_padding")) == "0"
+                and str(given.get("data.flip")).lower() == "false")
+
+
 def protocol_label(record: dict) -> str:
-    """What the teachers were trained with: "cpu: resnet8, bfloat16, 30 epochs"."""
+    """What the teachers were trained with: "cpu: resnet8, bfloat16, 30 epochs" (", no
+    augmentation" where the run had none)."""
     p = record.get("protocol") or {}
     return f"{p.get('preset', '?')}: {p.get('model', '?')}, {p.get('dtype', '?')}, " \
-           f"{p.get('epochs', '?')} epochs"
+           f"{p.get('epochs', '?')} epochs" + ("" if augmented(record) else ", no augmentation")
 
 
 def summary_groups(records: list[dict]) -> dict:
@@ -365,7 +376,8 @@ def main():
                             "overrides": overrides if row["name"] == "student" else None,
                             "set": overrides_all, "protocol": {
                                 "preset": args.preset, "model": config.model.name,
-                                "dtype": config.model.dtype, "epochs": config.optim.epochs},
+                                "dtype": config.model.dtype, "epochs": config.optim.epochs,
+                                "augment": bool(config.data.crop_padding or config.data.flip)},
                             "class_counts": counts,
                             "wall_seconds": wall, "run_seconds": seconds})
         markdown = write_outputs(args.root, header, records, settings, args)

@@ -86,6 +86,20 @@ def test_accuracy_writes_the_table_and_the_records(tmp_path):
     assert (tmp_path / "again.md").read_text().endswith(summary.split("\n\n", 2)[-1])
 
 
+def test_the_summary_tells_a_run_without_augmentation_apart():
+    from benchmarks import accuracy
+    record = {"protocol": {"preset": "cpu", "model": "resnet8", "dtype": "bfloat16",
+                           "epochs": 40}}
+    label = "cpu: resnet8, bfloat16, 40 epochs"
+    assert accuracy.protocol_label(record) == label
+    off = {"data.crop_padding": "0", "data.flip": "False"}  # as `--set` records them
+    assert accuracy.protocol_label({**record, "set": off}) == label + ", no augmentation"
+    assert accuracy.protocol_label({**record, "set": {"data.crop_padding": "0"}}) == label
+    record["protocol"]["augment"] = False  # the protocol's own field wins
+    assert accuracy.protocol_label(record) == label + ", no augmentation"
+    assert accuracy.protocol_label({**record, "set": {}}) == label + ", no augmentation"
+
+
 def test_build_cifar_lt_on_a_small_npz(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "small.npz"
