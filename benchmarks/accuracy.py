@@ -157,6 +157,26 @@ def setting_table(records: list[dict]) -> str:
 ROLES = (("baseline", "CE"), ("imbalance_teacher", "f_L"), ("noise_teacher", "f_N"))
 
 
+CURVE_KEYS = ("test_accuracy", "train_loss", "train_accuracy", "correction_rate")
+
+
+def stage_curve(stage_dir: str) -> list[dict]:
+    """The stage's evaluations over epochs, from its metrics.jsonl: one {epoch, test_accuracy,
+    train_loss, train_accuracy, correction_rate} per evaluated epoch (the early-learning peak
+    and the drop of a model that memorises); [] where the stage left no metrics."""
+    path = os.path.join(stage_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    points = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("test_accuracy") is not None:  # a resumed stage repeats an epoch: last wins
+                points[row["epoch"]] = {"epoch": row["epoch"],
+                                        **{k: row.get(k) for k in CURVE_KEYS}}
+    return [points[e] for e in sorted(points)]
+
+
 def augmented(record: dict) -> bool:
     """Whether the run trained with crop or flip: its protocol says so, or (records written
     before the protocol carried it) its `--set` overrides turned both off."""
@@ -378,7 +398,7 @@ def main():
                                 "preset": args.preset, "model": config.model.name,
                                 "dtype": config.model.dtype, "epochs": config.optim.epochs,
                                 "augment": bool(config.data.crop_padding or config.data.flip)},
-                            "class_counts": counts,
+                            "class_counts": counts, "curve": stage_curve(stage_dir),
                             "wall_seconds": wall, "run_seconds": seconds})
         markdown = write_outputs(args.root, header, records, settings, args)
     print(markdown)

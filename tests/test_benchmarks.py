@@ -76,6 +76,10 @@ def test_accuracy_writes_the_table_and_the_records(tmp_path):
     assert [r["name"] for r in records] == ["baseline", "imbalance_teacher", "noise_teacher",
                                             "student"]
     assert "| student (f_L la, f_N ce) | 1 |" in (tmp_path / "accuracy.md").read_text()
+    # Each stage's evaluations over its 2 epochs (smoke evaluates every epoch).
+    for r in records:
+        assert [p["epoch"] for p in r["curve"]] == [1, 2], r["name"]
+        assert r["curve"][-1]["test_accuracy"] == pytest.approx(r["test_accuracy"], abs=1e-6)
     assert "student" in out
     summary = (tmp_path / "accuracy_summary.md").read_text()
     assert ("| imbalance=10,noise=sym,noise_rate=0.2 | smoke: mlp, float32, 2 epochs | "
