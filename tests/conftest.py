@@ -1,5 +1,12 @@
 """Shared pytest set-up: tests run on CPU with float32 and a fixed number of host devices."""
 import os
+# pytest reports an exception raised in a destructor ("unraisable") by importing tracemalloc
+# inside its hook. When that happens while tensorflow-datasets holds its lazy-import context
+# (etils: every `import` returns a LazyModule), tracemalloc's own first import fails and the
+# test errors out (seen once under load in test_tfds_imagenet_lt_streams_under_mock_data: 50
+# "Failed to process unraisable exception"). Imported here, it is in sys.modules and the lazy
+# module resolves to it.
+import tracemalloc  # noqa: F401  pylint: disable=unused-import
 
 # Tests never need an accelerator; keep them on CPU even where one exists.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

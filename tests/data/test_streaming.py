@@ -198,6 +198,15 @@ def test_a_crashing_worker_fails_the_run_instead_of_hanging(tree):
     assert time.time() - start < 60
 
 
+def test_pytest_can_report_a_destructors_error_inside_tfds_lazy_imports():
+    # tests/conftest.py imports tracemalloc; without it this raises TypeError ('LazyModule'
+    # object is not callable), as the tfds test below once did under load.
+    from _pytest.tracemalloc import tracemalloc_message
+    from etils import epy
+    with epy.lazy_imports():
+        assert "tracemalloc" in tracemalloc_message(object())
+
+
 def test_tfds_imagenet_lt_streams_under_mock_data():
     import tensorflow_datasets as tfds
     with tfds.testing.mock_data(num_examples=24):
