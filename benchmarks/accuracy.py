@@ -49,7 +49,7 @@ import time
 
 import numpy as np
 
-from dsink_jax import configs, pipelines
+from dsink_jax import configs, pipelines, plots
 from dsink_jax.train import metrics as metrics_lib
 
 BUILDERS = {
@@ -165,16 +165,9 @@ def stage_curve(stage_dir: str) -> list[dict]:
     train_loss, train_accuracy, correction_rate} per evaluated epoch (the early-learning peak
     and the drop of a model that memorises); [] where the stage left no metrics."""
     path = os.path.join(stage_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    points = {}
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row.get("test_accuracy") is not None:  # a resumed stage repeats an epoch: last wins
-                points[row["epoch"]] = {"epoch": row["epoch"],
-                                        **{k: row.get(k) for k in CURVE_KEYS}}
-    return [points[e] for e in sorted(points)]
+    columns = {k: dict(zip(*plots.read_metric_curve(path, k))) for k in CURVE_KEYS}
+    return [{"epoch": e, **{k: columns[k].get(e) for k in CURVE_KEYS}}
+            for e in sorted(columns["test_accuracy"])]
 
 
 def augmented(record: dict) -> bool:
