@@ -155,6 +155,12 @@ LOSS_DEFAULTS = dict(
     ldam_scale=30.0,  # LDAM logit scale (cosine logits)
     drw_beta=0.9999,  # DRW effective-number beta
     drw_start_fraction=0.8,  # DRW starts at this fraction of the epochs (160/200)
+    # (ours) select_la, class-balanced small-loss selection: the fraction of each given class
+    # kept, the fraction of the epochs trained on every sample first, the running loss's
+    # weight on its old value
+    select_keep=0.5,
+    select_start_fraction=0.25,
+    select_beta=0.5,
 )
 
 
@@ -363,6 +369,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     require(lo.ldam_max_margin > 0,
              f"loss_options.ldam_max_margin={lo.ldam_max_margin} must be > 0")
     require(lo.ldam_scale > 0, f"loss_options.ldam_scale={lo.ldam_scale} must be > 0")
+    require(0 < lo.select_keep <= 1,
+            f"loss_options.select_keep={lo.select_keep} must be in (0, 1]")
+    require(0 <= lo.select_start_fraction <= 1,
+            f"loss_options.select_start_fraction={lo.select_start_fraction} must be in [0, 1]")
+    require(0 <= lo.select_beta < 1,
+            f"loss_options.select_beta={lo.select_beta} must be in [0, 1)")
     require(0 <= lo.drw_beta < 1, f"loss_options.drw_beta={lo.drw_beta} must be in [0, 1)")
     require(0 <= lo.drw_start_fraction <= 1,
              f"loss_options.drw_start_fraction={lo.drw_start_fraction} must be in [0, 1]")

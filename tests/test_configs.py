@@ -51,6 +51,9 @@ def test_paper_preset_is_the_ldam_drw_protocol():
     ("data.noise_rate", 1.0, r"noise_rate=1.0 must be in \[0, 1\)"),
     ("data.noise", "pairflip", "noise='pairflip'; allowed: "),
     ("data.dataset", "mnist", "unknown dataset 'mnist'"),
+    ("loss_options.select_keep", 0.0, r"select_keep=0.0 must be in \(0, 1\]"),
+    ("loss_options.select_start_fraction", 1.5, r"select_start_fraction=1.5 must be in \[0, 1\]"),
+    ("loss_options.select_beta", 1.0, r"select_beta=1.0 must be in \[0, 1\)"),
 ])
 def test_validation_names_bad_value(field, value, message):
     config = build()

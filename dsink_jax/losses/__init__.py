@@ -1,6 +1,7 @@
 """Every loss of the library: per-example (unreduced), pure, jittable; reduce at the call site.
 
-* `classification`: CE, logit adjustment, Balanced Softmax, LDAM(-DRW), GCE, SCE, ELR;
+* `classification`: CE, logit adjustment, Balanced Softmax, LDAM(-DRW), GCE, SCE, ELR, the
+  per-class thresholds of class-balanced small-loss selection;
 * `dsink`: the D-SINK loss (base + alpha * soft CE to the Sinkhorn allocation);
 * `ot_softmax`: the OT-dynamic softmax loss on a cosine classifier with OT heights;
 * `supcon`: the supervised contrastive loss.
@@ -8,6 +9,7 @@
 
 from dsink_jax.losses.classification import (
     balanced_softmax_loss,
+    class_quantile_thresholds,
     cross_entropy,
     drw_class_weights,
     elr_loss,
@@ -29,6 +31,7 @@ __all__ = [
     "DSinkAux",
     "DistillationTerms",
     "balanced_softmax_loss",
+    "class_quantile_thresholds",
     "cross_entropy",
     "distillation_terms",
     "drw_class_weights",

@@ -375,3 +375,39 @@ def elr_loss(logits: jax.Array, labels: jax.Array, *, targets: jax.Array, lam: f
     targets = jax.lax.stop_gradient(targets.astype(logits.dtype))
     overlap = jnp.sum(targets * _elr_probs(logits, eps), axis=-1)
     return ce + lam * jnp.log1p(-overlap)
+
+
+def class_quantile_thresholds(scores: jax.Array, labels: jax.Array, *, num_classes: int,
+                              keep: float) -> jax.Array:
+    """Per class, the `keep`-quantile of the scores of the samples labelled with it.
+
+    The per-class threshold of class-balanced small-loss selection (RoLT-style, Wei et al.
+    2021): sample i is kept when `scores[i] <= thresholds[labels[i]]`, so every class keeps the
+    `keep` fraction of its samples with the smallest scores (at least one), however small it
+    is, where one global threshold would drop the tail. One sort of the N scores by (label,
+    score); samples labelled outside [0, num_classes) (e.g. -1: not seen yet) are ignored.
+
+    Args:
+        scores: float [N], e.g. each training sample's running loss.
+        labels: int [N], its given label.
+        num_classes: C.
+        keep: fraction kept per class, in (0, 1].
+
+    Returns:
+        float [C] thresholds; +inf for a class with no sample.
+    """
+    scores = jnp.asarray(scores, jnp.float32)
+    labels = jnp.asarray(labels)
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must be [N] vectors of one length, got "
+                         f"{scores.shape} and {labels.shape}.")
+    _check_range("keep", keep, low=0.0, high=1.0, low_open=True)
+    n = scores.shape[0]
+    bins = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes).astype(jnp.int32)
+    sorted_bins, sorted_scores = jax.lax.sort((bins, scores), num_keys=2)
+    del sorted_bins
+    counts = jnp.bincount(bins, length=num_classes + 1)[:num_classes]
+    starts = jnp.cumsum(counts) - counts
+    rank = jnp.maximum(jnp.ceil(keep * counts).astype(jnp.int32) - 1, 0)
+    thresholds = sorted_scores[jnp.clip(starts + rank, 0, max(n - 1, 0))]
+    return jnp.where(counts > 0, thresholds, jnp.inf)

@@ -23,7 +23,8 @@ from dsink_jax import losses, ot
 from dsink_jax.models import classifier_weights
 from dsink_jax.losses.dsink import distillation_terms, dsink_loss
 
-LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr", "gce_la", "sce_la")
+LOSS_NAMES = ("ce", "la", "balanced_softmax", "ldam_drw", "gce", "sce", "elr", "gce_la", "sce_la",
+              "select_la")
 # What each loss is robust to; used by docs and result tables.
 LOSS_KIND = {
     "ce": "none",
@@ -37,6 +38,9 @@ LOSS_KIND = {
     # prior), so that the robust loss also gives the tail its share (la_tau, given labels).
     "gce_la": "noise+imbalance",
     "sce_la": "noise+imbalance",
+    # (ours, RoLT-style) class-balanced small-loss selection: the logit-adjusted CE on the
+    # samples whose running loss is among the `select_keep` smallest of their given class.
+    "select_la": "noise+imbalance",
 }
 # The model head each loss trains (LDAM's margins are on cosine logits).
 LOSS_HEADS = {name: "cosine" if name == "ldam_drw" else "linear" for name in LOSS_NAMES}
@@ -154,6 +158,10 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
                                     class_weights=w)
             return loss, extra, {}
         return Objective(name, ldam, _no_extra, head=LOSS_HEADS[name])
+    if name == "select_la":
+        return _select_objective(options, prior, num_train=num_train,
+                                 start_step=int(round(float(options.select_start_fraction)
+                                                      * epochs)) * steps_per_epoch)
     # ELR: per-sample target memory carried in the training state.
     lam, beta = float(options.elr_lambda), float(options.elr_beta)
 
@@ -167,6 +175,46 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
     def elr_init():
         return {"elr_targets": np.zeros((num_train, num_classes), np.float32)}
     return Objective(name, elr, elr_init)
+
+
+def _select_objective(options: Any, prior: jax.Array, *, num_train: int,
+                      start_step: int) -> Objective:
+    """Class-balanced small-loss selection (`select_la`, ours after RoLT, Wei et al. 2021).
+
+    Each training sample's logit-adjusted CE is kept as a running mean over the epochs
+    (`select_beta`: weight of the old value; the first visit sets it) in `extra`, with its
+    given label. From `start_step` on, a sample counts only when its running loss is at most
+    the `select_keep`-quantile of its given class's running losses (:func:`class_quantile_
+    thresholds`), the kept samples' losses rescaled to the batch mean; before it (the early-
+    learning phase, when small loss is not yet a sign of a clean label) every sample counts.
+    The per-class quantile keeps every class's share, where one global small-loss threshold
+    (co-teaching) drops the tail classes, whose losses are the largest.
+    """
+    keep, beta, tau = (float(options.select_keep), float(options.select_beta),
+                       float(options.la_tau))
+    num_classes = int(prior.shape[0])
+
+    def select(logits, labels, *, indices, extra, step, **unused):
+        del unused
+        loss = losses.logit_adjusted_loss(logits, labels, class_prior=prior, tau=tau)
+        score = jax.lax.stop_gradient(loss)
+        seen = extra["select_labels"][indices] >= 0
+        running = jnp.where(seen, beta * extra["select_losses"][indices] + (1 - beta) * score,
+                            score)
+        memory = extra["select_losses"].at[indices].set(running)
+        memory_labels = extra["select_labels"].at[indices].set(labels.astype(jnp.int32))
+        thresholds = losses.class_quantile_thresholds(memory, memory_labels,
+                                                      num_classes=num_classes, keep=keep)
+        kept = jnp.where(step >= start_step, running <= thresholds[labels], True)
+        kept = kept.astype(loss.dtype)
+        weight = kept / jnp.maximum(jnp.mean(kept), 1.0 / kept.shape[0])
+        return weight * loss, {**extra, "select_losses": memory,
+                               "select_labels": memory_labels}, {"kept_fraction": jnp.mean(kept)}
+
+    def init():
+        return {"select_losses": np.zeros((num_train,), np.float32),
+                "select_labels": np.full((num_train,), -1, np.int32)}
+    return Objective("select_la", select, init)
 
 
 CLASS_MASS_MODES = ("batch", "global")

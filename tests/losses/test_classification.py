@@ -258,3 +258,36 @@ def test_bad_dtypes_raise_type_error():
         losses.cross_entropy(LOGITS, LABELS.astype(np.float32))
     with pytest.raises(TypeError, match="logits must be floating"):
         losses.cross_entropy(LABELS[:, None], LABELS)
+
+
+def _quantile_oracle(scores, labels, num_classes, keep):
+    """Per class: the ceil(keep * n_c)-th smallest score (1-based), +inf for an empty class."""
+    out = np.full(num_classes, np.inf, np.float32)
+    for c in range(num_classes):
+        s = np.sort(scores[labels == c])
+        if s.size:
+            out[c] = s[max(int(np.ceil(keep * s.size)) - 1, 0)]
+    return out
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.7, 1.0])
+def test_class_quantile_thresholds_match_a_per_class_sort(keep):
+    rng = np.random.default_rng(0)
+    labels = rng.choice(5, size=200, p=[0.6, 0.25, 0.1, 0.05, 0.0])  # class 4 empty
+    labels[:7] = -1  # not seen yet: ignored
+    scores = rng.exponential(size=200).astype(np.float32)
+    got = jax.jit(lambda s, y: losses.class_quantile_thresholds(s, y, num_classes=5, keep=keep))(
+        scores, labels)
+    seen = labels >= 0
+    np.testing.assert_array_equal(got, _quantile_oracle(scores[seen], labels[seen], 5, keep))
+    kept = scores <= np.asarray(got)[np.clip(labels, 0, 4)]
+    for c in range(4):  # every class keeps its share, the rarest too
+        n_c = np.sum(labels == c)
+        assert np.sum(kept[labels == c]) == max(int(np.ceil(keep * n_c)), 1)
+
+
+def test_class_quantile_thresholds_reject_bad_input():
+    with pytest.raises(ValueError, match="keep must be in"):
+        losses.class_quantile_thresholds(np.zeros(3), np.zeros(3, int), num_classes=2, keep=0.0)
+    with pytest.raises(ValueError, match="one length"):
+        losses.class_quantile_thresholds(np.zeros(3), np.zeros(2, int), num_classes=2, keep=0.5)

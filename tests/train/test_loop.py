@@ -60,9 +60,10 @@ def test_results_have_the_documented_fields(tmp_path, digits_set):
     assert os.listdir(tmp_path / "tensorboard")
 
 
-@pytest.mark.parametrize("loss", ["elr", "ldam_drw"])
+@pytest.mark.parametrize("loss", ["elr", "ldam_drw", "select_la"])
 def test_interrupted_run_resumes_to_identical_parameters(tmp_path, digits_set, loss):
-    # ELR carries per-sample memory and LDAM-DRW switches weights by step: both must resume.
+    # ELR and select_la carry per-sample memory (select_la's labels as int32, its selection
+    # from epoch 2 of 4 here) and LDAM-DRW switches weights by step: all must resume.
     config = smoke_config(loss=loss)
     config.optim.epochs = 4
     method = pipelines.build_method(config, digits_set)

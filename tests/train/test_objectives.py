@@ -315,3 +315,44 @@ def test_robust_losses_with_logit_adjustment_shift_the_logits_by_tau_log_prior(n
         logits, labels, indices=indices, extra={}, step=0)
     assert not np.allclose(plain, got)  # the adjustment matters
     assert objectives.LOSS_KIND[name] == "noise+imbalance"
+
+
+def test_select_la_keeps_the_smallest_running_losses_of_each_class_after_its_start():
+    from dsink_jax import configs, losses
+
+    opts = ml_collections.ConfigDict(dict(configs.LOSS_DEFAULTS, select_keep=0.5,
+                                          select_beta=0.5, select_start_fraction=0.5))
+    objective = objectives.make_objective("select_la", opts, class_counts=COUNTS, num_train=N,
+                                          steps_per_epoch=10, epochs=2)  # selects from step 10
+    extra = objective.init_extra()
+    assert extra["select_losses"].shape == (N,) and np.all(extra["select_labels"] == -1)
+    logits, logits2, _, labels, indices = batch()
+    prior = COUNTS / COUNTS.sum()
+    la = losses.logit_adjusted_loss(logits, labels, class_prior=prior, tau=opts.la_tau)
+    fn = jax.jit(objective.fn)
+    # Before the start: every sample counts, and the memory takes the first visit's loss.
+    got, extra1, aux = fn(logits, labels, indices=indices, extra=extra, step=9,
+                          teacher_logits=(), outputs=(), params=None)
+    np.testing.assert_allclose(got, la, rtol=1e-6)
+    assert float(aux["kept_fraction"]) == 1.0
+    np.testing.assert_allclose(extra1["select_losses"][indices], la, rtol=1e-6)
+    np.testing.assert_array_equal(extra1["select_labels"][indices], labels)
+    # From the start: the running loss (half old, half new) against its class's median.
+    la2 = losses.logit_adjusted_loss(logits2, labels, class_prior=prior, tau=opts.la_tau)
+    got2, extra2, aux2 = fn(logits2, labels, indices=indices, extra=extra1, step=10,
+                            teacher_logits=(), outputs=(), params=None)
+    running = 0.5 * np.asarray(la) + 0.5 * np.asarray(la2)
+    np.testing.assert_allclose(extra2["select_losses"][indices], running, rtol=1e-6)
+    kept = np.zeros(B, bool)
+    for c in range(C):
+        members = np.flatnonzero(np.asarray(labels) == c)
+        order = members[np.argsort(running[members])]
+        kept[order[:max(int(np.ceil(0.5 * members.size)), 1)]] = True
+    np.testing.assert_allclose(float(aux2["kept_fraction"]), kept.mean(), rtol=1e-6)
+    np.testing.assert_allclose(got2, np.where(kept, np.asarray(la2) / kept.mean(), 0.0),
+                               rtol=1e-5)
+    # The gradient reaches only the kept samples.
+    grad = jax.grad(lambda z: jnp.mean(objective.fn(z, labels, indices=indices, extra=extra1,
+                                                    step=10)[0]))(logits2)
+    assert np.all(np.abs(np.asarray(grad))[~kept].sum(-1) == 0)
+    assert np.all(np.abs(np.asarray(grad))[kept].sum(-1) > 0)
