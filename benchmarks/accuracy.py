@@ -188,14 +188,28 @@ def protocol_label(record: dict) -> str:
            f"{p.get('epochs', '?')} epochs" + ("" if augmented(record) else ", no augmentation")
 
 
+def single_model_setting(record: dict) -> str | None:
+    """A baseline-family record (one model; its setting names its loss, `...,loss=gce`): the
+    setting without the loss, so that the model joins the D-SINK runs of that setting; else
+    None."""
+    parts = record["setting"].split(",")
+    if record["name"] != "baseline" or f"loss={record['loss']}" not in parts:
+        return None
+    return ",".join(p for p in parts if p != f"loss={record['loss']}")
+
+
 def summary_groups(records: list[dict]) -> dict:
     """{(setting, protocol): {column: [one record per seed]}}: the teachers by role (one per
-    seed), each student by variant. `protocol` is the whole-run overrides (`--set`)."""
+    seed), each student by variant, a model of the baseline family (one loss, trained alone)
+    as "single model (loss)" beside them. `protocol` is the whole-run overrides (`--set`)."""
     groups: dict = {}
     for r in records:
-        key = (r["setting"], protocol_label(r))
+        single = single_model_setting(r)
+        key = (single or r["setting"], protocol_label(r))
         if r["name"] == "student":
             column = f"student {r.get('variant') or 'default'}"
+        elif single is not None:
+            column = f"single model ({r['loss']})"
         else:
             column = dict(ROLES).get(r["name"], r["name"])
             column = f"{column} ({r['loss']})"

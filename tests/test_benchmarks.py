@@ -127,3 +127,25 @@ def test_build_cifar_lt_on_a_small_npz(tmp_path):
 ])
 def test_timing_scripts_run_at_tiny_sizes(name, args):
     assert run_script(name, *args).strip()
+
+
+def test_the_summary_puts_a_single_model_beside_the_dsink_runs_of_its_setting():
+    from benchmarks import accuracy
+    protocol = {"preset": "cpu", "model": "resnet8", "dtype": "bfloat16", "epochs": 40}
+    base = dict(protocol=protocol, seed=0, variant=None, few_shot_accuracy=0.1)
+    setting = "imbalance=100,noise=sym,noise_rate=0.4"
+    records = [
+        dict(base, name="baseline", loss="ce", setting=setting, test_accuracy=0.30),
+        dict(base, name="noise_teacher", loss="gce_la", setting=setting, test_accuracy=0.31),
+        dict(base, name="student", loss="dsink", setting=setting, test_accuracy=0.33),
+        dict(base, name="baseline", loss="select_la", setting=setting + ",loss=select_la",
+             test_accuracy=0.35),
+    ]
+    groups = accuracy.summary_groups(records)
+    assert list(groups) == [(setting, "cpu: resnet8, bfloat16, 40 epochs")]
+    assert list(groups[list(groups)[0]]) == ["CE (ce)", "f_N (gce_la)", "student default",
+                                             "single model (select_la)"]
+    # The student is measured against the single model too: 33 - 35.
+    assert "| student default | 0 | 33.0 (10.0) | -2.00 |" in accuracy.summary_table(records)
+    # A dsink run's reference stage (its setting names no loss) stays CE.
+    assert accuracy.single_model_setting(records[0]) is None
