@@ -149,3 +149,37 @@ def test_the_summary_puts_a_single_model_beside_the_dsink_runs_of_its_setting():
     assert "| student default | 0 | 33.0 (10.0) | -2.00 |" in accuracy.summary_table(records)
     # A dsink run's reference stage (its setting names no loss) stays CE.
     assert accuracy.single_model_setting(records[0]) is None
+
+
+def test_accuracy_jobs_train_workdirs_in_parallel_processes_to_the_same_models(tmp_path):
+    common = ("--family=baseline", "--data=digits", "--preset=smoke",
+              "--settings=imbalance=10,noise=sym,noise_rate=0.2")
+    run_script("accuracy.py", *common, "--seeds=0,1", "--jobs=2", f"--root={tmp_path}/two")
+    both = json.loads((tmp_path / "two" / "accuracy.json").read_text())
+    assert [r["seed"] for r in both] == [0, 1]  # the runs' order, whichever finished first
+    run_script("accuracy.py", *common, "--seeds=1", f"--root={tmp_path}/one")
+    alone = json.loads((tmp_path / "one" / "accuracy.json").read_text())
+    assert both[1]["params_fingerprint"] == alone[0]["params_fingerprint"]
+    assert both[0]["params_fingerprint"] != both[1]["params_fingerprint"]
+
+
+def test_accuracy_run_all_keeps_the_variants_of_a_workdir_together_and_in_order(monkeypatch,
+                                                                               capsys):
+    from benchmarks import accuracy
+
+    trained = []
+    monkeypatch.setattr(accuracy.pipelines, "run",
+                        lambda config, workdir: trained.append(workdir) or {"stages": []})
+
+    class Config:
+        family = "dsink"
+    runs = [("s", seed, v, {}, Config(), f"root/seed{seed}") for seed in (0, 1) for v in "ab"]
+    done = list(accuracy.run_all(runs, jobs=1))
+    assert [i for i, _, _ in done] == [0, 1, 2, 3]
+    assert trained == ["root/seed0", "root/seed0", "root/seed1", "root/seed1"]
+    with pytest.raises(SystemExit):  # --jobs is checked before anything trains
+        run_script_args = ["--family=baseline", "--settings=imbalance=10", "--root=x",
+                           "--jobs=0"]
+        monkeypatch.setattr(sys, "argv", ["accuracy.py", *run_script_args])
+        accuracy.main()
+    assert "--jobs=0 must be >= 1" in capsys.readouterr().err
