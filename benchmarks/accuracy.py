@@ -16,7 +16,7 @@ trained twice as long (the baseline family trains one stage):
   python benchmarks/accuracy.py --family=baseline --root=runs/la60 --set=optim.epochs=60 \
     --settings="imbalance=100,noise=sym,noise_rate=0.4,loss=la"
 Several workdirs at once (`--jobs=N` processes, each a (setting, seed) with its variants in turn;
-on a 2-core CPU two processes train at 1.5-1.8x the images/s of one):
+on a 2-core CPU two processes trained at 1.4-2x the images/s of one):
   python benchmarks/accuracy.py --family=dsink --root=runs/accuracy_dsink --seeds=0,1 --jobs=2 \
     --settings="imbalance=100,noise=sym,noise_rate=0.4"
 An ablation: named student variants, each a list of config overrides (`;` between variants):
@@ -414,9 +414,9 @@ def run_group(group: list) -> list:
 def run_all(runs: list, jobs: int):
     """Yields (index, summary, seconds) of every run as it finishes. jobs > 1: the workdirs
     (the variants of one (setting, seed) share its teachers, so they stay in one group, in
-    order) are trained by that many processes at once. On a 2-core CPU two processes train
-    ResNet-8 at 1.5-1.8x the images/s of one (XLA:CPU keeps about one core busy per step;
-    benchmarks/README.md)."""
+    order) are trained by that many processes at once. On a 2-core CPU two processes trained
+    ResNet-8 at 1.4-2x the images/s of one (XLA:CPU keeps about one core busy per step;
+    benchmarks/README.md, accuracy.py)."""
     groups: dict = {}
     for i, run in enumerate(runs):
         groups.setdefault(run[5], []).append((i, len(runs), run))
