@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -95,6 +96,25 @@ def test_finished_stages_are_reused(dsink_run, capsys):
     assert out.count("reusing the finished stage") == 4
     assert [r["params_fingerprint"] for r in again["stages"]] == [
         r["params_fingerprint"] for r in first["stages"]]
+
+
+def test_teacher_processes_train_the_teachers_at_once_to_the_same_models(dsink_run, tmp_path,
+                                                                         capsys):
+    workdir, first = dsink_run
+    config = dsink_smoke_config()
+    config.dsink.teacher_processes = 2
+    assert pipelines.dsink.pretrain_teachers(config, str(tmp_path)) == ["ce", "la"]
+    assert pipelines.dsink.pretrain_teachers(config, str(tmp_path)) == []  # finished: reused
+    # The pipeline reuses them, and the students of 1 and 2 processes are one stage.
+    shutil.copytree(os.path.join(workdir, "student"), os.path.join(tmp_path, "student"))
+    capsys.readouterr()
+    again = pipelines.run(config, str(tmp_path))
+    assert capsys.readouterr().out.count("reusing the finished stage") == 4
+    assert [r["params_fingerprint"] for r in again["stages"]] == [
+        r["params_fingerprint"] for r in first["stages"]]
+    config.dsink.teacher_processes = 0
+    with pytest.raises(configs.ConfigError, match="teacher_processes=0 must be >= 1"):
+        pipelines.dsink.validate(config)
 
 
 @pytest.mark.parametrize("overrides,trained", [

@@ -135,6 +135,10 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         # "label_prior" (given labels) or "class_mass" (f_L's mass over the training set).
         c.dsink.inference = "raw"
         c.dsink.stage_name = "student"  # the student's directory in the workdir
+        # (ours) the teacher stages not yet trained are trained by this many spawned processes
+        # at once before the student (CPU hosts, one process each: on 2 cores two processes
+        # trained ResNet-8 at 1.4-2x the images/s of one, benchmarks/README.md); 1 = in turn.
+        c.dsink.teacher_processes = 1
     return c
 
 
@@ -190,6 +194,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  f"any loss but ldam_drw)")
     require(d.student_epochs >= 0,
              f"dsink.student_epochs={d.student_epochs} must be >= 0 (0 = optim.epochs)")
+    require(d.teacher_processes >= 1,
+             f"dsink.teacher_processes={d.teacher_processes} must be >= 1 (1 = in turn)")
+    require(d.teacher_processes == 1 or not config.distributed,
+             f"dsink.teacher_processes={d.teacher_processes} is for one host: with "
+             f"distributed=True use 1")
     require(d.teachers in TEACHER_MODES,
              f"dsink.teachers={d.teachers!r}; allowed: {', '.join(TEACHER_MODES)}")
     require(d.teacher_cache_topk >= 0,
@@ -257,6 +266,52 @@ def train_teachers(config, workdir: str, training_set) -> dict:
             "fingerprints": [next(r["params_fingerprint"] for r in rows if r["name"] == role)
                              for role in ("imbalance_teacher", "noise_teacher")],
             **assemble_student(config, training_set, stages)}
+
+
+# How the run is executed, not what it trains: left out of the student's identity, so that
+# changing it reuses a finished student.
+EXECUTION_OPTIONS = ("teacher_processes",)
+
+
+def identity_options(d) -> dict:
+    """`config.dsink` as it identifies a student stage: every option but EXECUTION_OPTIONS."""
+    return {k: v for k, v in d.to_dict().items() if k not in EXECUTION_OPTIONS}
+
+
+def pretrain_teachers(config, workdir: str) -> list[str]:
+    """Trains the unfinished teacher stages in `dsink.teacher_processes` processes at once.
+
+    Each spawned process loads the data and trains one stage (`workdir/<loss>/`) exactly as
+    `train_teachers` would, which then finds it finished and reuses it; a stage with a
+    `results.json` already is left to that reuse. CPU only: on a GPU every process would claim
+    the device's memory. Returns the losses trained here ([] with 1 process or <= 1 pending).
+    """
+    processes = int(config.dsink.teacher_processes)
+    pending = [loss for loss in dict.fromkeys(teacher_losses(config).values())
+               if not os.path.exists(os.path.join(workdir, loss, "results.json"))]
+    if processes == 1 or len(pending) <= 1:
+        return []
+    require(jax.default_backend() == "cpu",
+            f"dsink.teacher_processes={processes} trains the teachers in processes of their own, "
+            f"for CPU hosts; on {jax.default_backend()!r} use 1")
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+    import multiprocessing  # pylint: disable=import-outside-toplevel
+    # spawn: a forked process inherits JAX's threads and can deadlock.
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=min(processes, len(pending)),
+            mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_train_teacher_stage, config, workdir, loss)
+                       for loss in pending]:
+            future.result()
+    return pending
+
+
+def _train_teacher_stage(config, workdir: str, loss: str) -> None:
+    """One teacher stage in a process of its own (see `pretrain_teachers`)."""
+    training_set = prepare_training_set(config)
+    train_or_reuse_stage(config, os.path.join(workdir, loss), training_set=training_set,
+                         method=build_method(config, training_set, loss=loss), name=loss,
+                         identity=stage_identity(config, loss))
 
 
 def assemble_student(config, training_set, stages: dict) -> dict:
@@ -396,6 +451,7 @@ def run(config, workdir: str) -> dict:
     training_set = prepare_training_set(config)
     check_teacher_cache(config, training_set)
     d = config.dsink
+    pretrain_teachers(config, workdir)
     teachers = train_teachers(config, workdir, training_set)
     rows, curves = teachers["rows"], teachers["curves"]
     student = student_config(config)
@@ -405,7 +461,7 @@ def run(config, workdir: str) -> dict:
     if d.init_from == "imbalance_teacher":
         init_variables = teachers["stage_variables"]["imbalance_teacher"][1]
     student_dir = os.path.join(workdir, d.stage_name)
-    identity = {**stage_identity(student, "dsink"), "dsink": d.to_dict(),
+    identity = {**stage_identity(student, "dsink"), "dsink": identity_options(d),
                 "teachers": teachers["fingerprints"]}
     results, state = train_or_reuse_stage(
         student, student_dir, training_set=training_set, method=method, name=d.stage_name,
@@ -548,13 +604,14 @@ def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
 def _run_sweep(config, workdir, members, members_mode, name):
     training_set = prepare_training_set(config)
     check_teacher_cache(config, training_set)
+    pretrain_teachers(config, workdir)
     teachers = train_teachers(config, workdir, training_set)
     student = student_config(config)
     method = build_method(student, training_set, objective=teachers["objective"],
                           teacher_models=teachers["teacher_models"])
     sweep_dir = os.path.join(workdir, name)
     claim_stage_dir(sweep_dir, {**stage_identity(student, "dsink"),
-                                "dsink": config.dsink.to_dict(),
+                                "dsink": identity_options(config.dsink),
                                 "teachers": teachers["fingerprints"], "members": members,
                                 "mode": members_mode}, name)
     start = time.perf_counter()

@@ -61,7 +61,8 @@ FLOAT_DOMAINS = {
 INT_MINIMUM = {
     "data.crop_padding": 0, "optim.epochs": 1, "optim.batch_size": 1, "eval_every_epochs": 1,
     "checkpoint_every_epochs": 1, "keep_checkpoints": 1, "eval_batch_size": 1,
-    "dsink.num_iters": 1, "dsink.refresh_every_epochs": 1, "ot_softmax.projection_dim": 1, "ot_softmax.solve_every": 1,
+    "dsink.num_iters": 1, "dsink.refresh_every_epochs": 1, "dsink.teacher_processes": 1,
+    "ot_softmax.projection_dim": 1, "ot_softmax.solve_every": 1,
     "ot_softmax.solve_steps": 1, "ot_softmax.num_samples": 1,
 }
 LOSS_OPTION_FIELDS = tuple(f"loss_options.{k}" for k in configs.LOSS_DEFAULTS) + (
