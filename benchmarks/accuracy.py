@@ -193,11 +193,13 @@ def protocol_label(record: dict) -> str:
 
 
 def single_model_setting(record: dict) -> str | None:
-    """A baseline-family record (one model; its setting names its loss, `...,loss=gce`): the
+    """A baseline-family record (one model, named by its loss; its setting names the loss too,
+    `...,loss=gce`): the
     setting without the loss, so that the model joins the D-SINK runs of that setting; else
     None."""
     parts = record["setting"].split(",")
-    if record["name"] != "baseline" or f"loss={record['loss']}" not in parts:
+    if record["name"] in ("student", "imbalance_teacher", "noise_teacher") or \
+            f"loss={record['loss']}" not in parts:
         return None
     return ",".join(p for p in parts if p != f"loss={record['loss']}")
 

@@ -138,7 +138,7 @@ def test_the_summary_puts_a_single_model_beside_the_dsink_runs_of_its_setting():
         dict(base, name="baseline", loss="ce", setting=setting, test_accuracy=0.30),
         dict(base, name="noise_teacher", loss="gce_la", setting=setting, test_accuracy=0.31),
         dict(base, name="student", loss="dsink", setting=setting, test_accuracy=0.33),
-        dict(base, name="baseline", loss="select_la", setting=setting + ",loss=select_la",
+        dict(base, name="select_la", loss="select_la", setting=setting + ",loss=select_la",
              test_accuracy=0.35),
     ]
     groups = accuracy.summary_groups(records)
