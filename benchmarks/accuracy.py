@@ -194,9 +194,8 @@ def protocol_label(record: dict) -> str:
 
 def single_model_setting(record: dict) -> str | None:
     """A baseline-family record (one model, named by its loss; its setting names the loss too,
-    `...,loss=gce`): the
-    setting without the loss, so that the model joins the D-SINK runs of that setting; else
-    None."""
+    `...,loss=gce`): the setting without the loss, so that the model joins the D-SINK runs of
+    that setting; else None."""
     parts = record["setting"].split(",")
     if record["name"] in ("student", "imbalance_teacher", "noise_teacher") or \
             f"loss={record['loss']}" not in parts:
@@ -392,11 +391,10 @@ def main():
 
     header = (f"# Accuracy: {args.family}, preset {args.preset}, {args.data}\n\n"
               f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n")
-    records, finished = [], {}
+    finished = {}  # run index -> its records, each built once, when the run finishes
     for i, summary, seconds in run_all(runs, args.jobs):
-        finished[i] = (summary, seconds)
-        records = [r for j in sorted(finished)
-                   for r in run_records(runs[j], *finished[j], args)]
+        finished[i] = run_records(runs[i], summary, seconds, overrides_all, args)
+        records = [r for j in sorted(finished) for r in finished[j]]
         markdown = write_outputs(args.root, header, records, settings, args)
     print(markdown)
 
@@ -437,10 +435,10 @@ def run_all(runs: list, jobs: int):
             yield from future.result()
 
 
-def run_records(run: tuple, summary: dict, seconds: float, args) -> list[dict]:
+def run_records(run: tuple, summary: dict, seconds: float, overrides_all: dict,
+                args) -> list[dict]:
     """One record per stage of a finished run (its teachers and its student)."""
     setting, seed, variant, overrides, config, workdir = run
-    overrides_all = parse_variants(f"all:{args.overrides}")[0][1] if args.overrides else {}
     records = []
     with open(os.path.join(workdir, "results.json")) as f:
         counts = json.load(f)["data"]["class_counts"]

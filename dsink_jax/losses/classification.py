@@ -404,8 +404,7 @@ def class_quantile_thresholds(scores: jax.Array, labels: jax.Array, *, num_class
     _check_range("keep", keep, low=0.0, high=1.0, low_open=True)
     n = scores.shape[0]
     bins = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes).astype(jnp.int32)
-    sorted_bins, sorted_scores = jax.lax.sort((bins, scores), num_keys=2)
-    del sorted_bins
+    _, sorted_scores = jax.lax.sort((bins, scores), num_keys=2)
     counts = jnp.bincount(bins, length=num_classes + 1)[:num_classes]
     starts = jnp.cumsum(counts) - counts
     rank = jnp.maximum(jnp.ceil(keep * counts).astype(jnp.int32) - 1, 0)
