@@ -55,6 +55,7 @@ import numpy as np
 
 from dsink_jax import configs, pipelines, plots
 from dsink_jax.train import metrics as metrics_lib
+from dsink_jax.train import workdir as workdir_lib
 
 BUILDERS = {
     "baseline": (configs.COMMON_ARGS, lambda a: configs.build_config("baseline", a)),
@@ -425,11 +426,9 @@ def run_all(runs: list, jobs: int):
             yield from run_group(group)
         return
     import concurrent.futures  # pylint: disable=import-outside-toplevel
-    import multiprocessing  # pylint: disable=import-outside-toplevel
-    # spawn: a forked JAX process deadlocks; each worker imports this script afresh.
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(jobs, len(groups)),
-            mp_context=multiprocessing.get_context("spawn")) as pool:
+    # Spawned (each worker imports this script afresh); a worker ends itself when this process
+    # is killed, and its stage resumes when the command runs again.
+    with workdir_lib.process_pool(min(jobs, len(groups))) as pool:
         for future in concurrent.futures.as_completed(
                 [pool.submit(run_group, g) for g in groups.values()]):
             yield from future.result()

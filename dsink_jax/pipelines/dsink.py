@@ -32,7 +32,7 @@ from dsink_jax.pipelines.common import (augment_for, build_method, check_workdir
                                         write_summary)
 from dsink_jax.train import loop, parallel
 from dsink_jax.train import step as step_lib
-from dsink_jax.train.workdir import WorkdirLock, provenance, write_json
+from dsink_jax.train.workdir import WorkdirLock, process_pool, provenance, write_json
 from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
                                         CLASS_MASS_PRIORS, LOSS_HEADS, LOSS_NAMES,
                                         class_mass_shift, dataset_allocation_refresh,
@@ -294,12 +294,7 @@ def pretrain_teachers(config, workdir: str) -> list[str]:
     require(jax.default_backend() == "cpu",
             f"dsink.teacher_processes={processes} trains the teachers in processes of their own, "
             f"for CPU hosts; on {jax.default_backend()!r} use 1")
-    import concurrent.futures  # pylint: disable=import-outside-toplevel
-    import multiprocessing  # pylint: disable=import-outside-toplevel
-    # spawn: a forked process inherits JAX's threads and can deadlock.
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(processes, len(pending)),
-            mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(min(processes, len(pending))) as pool:
         for future in [pool.submit(_train_teacher_stage, config, workdir, loss)
                        for loss in pending]:
             future.result()

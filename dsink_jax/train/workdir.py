@@ -8,6 +8,9 @@
   every `HEARTBEAT_SECONDS` by the holder) is older than `STALE_SECONDS`. Only process 0 of a
   multi-host run takes the lock, so the processes of one run never lock each other out.
 * :func:`provenance`: what a results file needs to be reproduced and compared across machines.
+* :func:`process_pool`: the spawned worker processes that train stages or workdirs side by
+  side; a worker ends itself when the process that started it is gone, so that killing a run
+  never leaves its workers training (and holding its workdirs) unseen.
 """
 
 from __future__ import annotations
@@ -72,6 +75,31 @@ def write_json(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=json_default)
     os.replace(tmp, path)
+
+
+# How often a worker of `process_pool` checks that its parent is alive.
+PARENT_POLL_SECONDS = 2.0
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """`process_pool`'s initializer: a daemon thread ends this worker once its parent is gone
+    (killed, even with SIGKILL: the worker is then re-parented). Its stage resumes from its
+    latest checkpoint when the command runs again, as after any kill."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)  # pylint: disable=protected-access
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def process_pool(max_workers: int):
+    """A `ProcessPoolExecutor` of `max_workers` spawned processes (a forked JAX process can
+    deadlock) that exit when this process is gone (see :func:`_exit_with_parent`)."""
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+    import multiprocessing  # pylint: disable=import-outside-toplevel
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 
 class WorkdirBusyError(RuntimeError):

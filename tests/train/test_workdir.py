@@ -115,3 +115,35 @@ def test_provenance_names_versions_devices_and_commit():
     assert info["jax_backend"] == "cpu" and info["device_count"] >= 1
     assert info["process_count"] == 1
     assert "git_commit" in info and "command" in info
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a re-parented child may wait unreaped in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
+def test_pool_workers_end_when_their_parent_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, time\n"
+        "from dsink_jax.train import workdir\n"
+        "pool = workdir.process_pool(1)\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "pool.submit(time.sleep, 120)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert _running(worker)
+        parent.kill()  # SIGKILL: no handler of the parent's runs
+        parent.wait()
+        deadline = time.time() + 5 * workdir.PARENT_POLL_SECONDS + 10
+        while _running(worker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _running(worker)
+    finally:
+        parent.kill()
+        parent.wait()
