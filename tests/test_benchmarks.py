@@ -88,6 +88,19 @@ def test_accuracy_writes_the_table_and_the_records(tmp_path):
     # The same table from the records alone, as the README's is made.
     run_script("accuracy.py", f"--summarize={tmp_path}/accuracy.json", f"--out={tmp_path}/again")
     assert (tmp_path / "again.md").read_text().endswith(summary.split("\n\n", 2)[-1])
+    # What the run's teachers know: restored from their checkpoints, CE and f_L give back the
+    # test accuracies they recorded; the class masses are distributions.
+    run_script("teacher_diagnostics.py", "--data=digits", "--preset=smoke",
+               "--setting=imbalance=10,noise=sym,noise_rate=0.2",
+               f"--workdir={tmp_path}/imbalance-10_noise-sym_noise_rate-0.2/seed0",
+               f"--out={tmp_path}/diagnostics.json")
+    found = json.loads((tmp_path / "diagnostics.json").read_text())
+    by_loss = {r["loss"]: r["test_accuracy"] for r in records if r["name"] != "student"}
+    assert found["test_accuracy"]["ce"] == pytest.approx(100 * by_loss["ce"], abs=1e-4)
+    assert found["test_accuracy"]["la"] == pytest.approx(100 * by_loss["la"], abs=1e-4)
+    for name, mass in found["class_mass"].items():
+        assert sum(mass) == pytest.approx(1, abs=1e-5) and min(mass) >= 0, name
+    assert found["class_mass_l1_to_clean"]["clean"] == 0
 
 
 def test_the_summary_tells_a_run_without_augmentation_apart():
