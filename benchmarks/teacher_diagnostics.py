@@ -7,9 +7,10 @@ stage (`ce/`) and f_L's stage (`la/` or `--imbalance-loss`), prints and writes a
   training set: f_L's raw posteriors (`class_mass_prior=none`), its training posteriors
   (`label_prior`, the default) and the histogram of their argmax; with the L1 distance of each to
   the clean class distribution;
-* when the CE stage is finished, test accuracy (%) of CE, of CE corrected post hoc (logits minus the log given-label prior), of
-  f_L, and of the test-time ensembles `w (CE - log prior) + (1 - w) f_L` of the two teachers'
-  log-probabilities: what the teachers know together, a bound on what distilling them can carry.
+* when the CE stage is finished, test accuracy (%) of CE, of CE corrected post hoc (logits minus
+  the log given-label prior), of f_L, and of the test-time ensembles
+  `w (CE - log prior) + (1 - w) f_L` of the two teachers' log-probabilities: what the teachers
+  know together, a bound on what distilling them can carry.
 
   python benchmarks/teacher_diagnostics.py --data=npz:../shared/data/cifar10.npz \
     --setting=imbalance=10,noise=sym,noise_rate=0.4 \
