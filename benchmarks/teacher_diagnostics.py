@@ -27,42 +27,52 @@ import numpy as np
 from dsink_jax import configs, pipelines
 from dsink_jax.losses import global_class_mass
 from dsink_jax.pipelines.common import (augment_for, build_method, predict_split,
-                                        prepare_training_set)
+                                        prepare_training_set, restore_finished_stage,
+                                        stage_identity)
 from dsink_jax.train import objectives
-from dsink_jax.train import step as step_lib
-from dsink_jax.train.checkpoint import Checkpointer
 
 ENSEMBLE_WEIGHTS = (0.25, 0.5, 0.75)
 
 
 def stage_logits(config, training_set, stage_dir: str, loss: str, split: str) -> np.ndarray:
-    """A finished stage's logits on a split (unaugmented), from its latest checkpoint."""
+    """A finished stage's logits on a split (unaugmented), from its final checkpoint.
+
+    Raises:
+      SystemExit: the stage is not finished, or was trained under another identity (another
+        setting, preset or seed than the arguments name).
+    """
+    identity_path = os.path.join(stage_dir, "identity.json")
+    expected = json.loads(json.dumps(stage_identity(config, loss)))  # as it reads back
+    found = None
+    if os.path.exists(identity_path):
+        with open(identity_path) as f:
+            found = json.load(f)
+    if found != expected:
+        raise SystemExit(f"{stage_dir} was not trained with --setting/--preset/--seed as given "
+                         f"(its identity.json differs or is missing)")
     method = build_method(config, training_set, loss=loss)
-    template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
-                                   training_set.sample_images)
-    restored = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=1).restore_latest(
-        template)
-    if restored is None or not os.path.exists(os.path.join(stage_dir, "results.json")):
-        raise SystemExit(f"{stage_dir}: no finished stage (results.json and a checkpoint)")
-    return np.asarray(predict_split(config, training_set, method.model, restored[0].variables,
+    finished = restore_finished_stage(config, stage_dir, training_set=training_set,
+                                      method=method)
+    if finished is None:
+        raise SystemExit(f"{stage_dir}: no finished stage (results.json and the final "
+                         f"checkpoint)")
+    return np.asarray(predict_split(config, training_set, method.model, finished[1].variables,
                                     split, augment=augment_for(config, training_set)))
 
 
 def diagnostics(config, training_set, workdir: str, imbalance_loss: str = "la") -> dict:
     """The class masses and the test accuracies described in the module docstring."""
     counts = training_set.noisy_class_counts
-    log_prior = np.log(np.maximum(counts, 1) / np.maximum(counts, 1).sum())
+    log_prior = objectives.class_mass_shift("label_prior", counts)  # log given-label prior
     clean = np.bincount(training_set.clean_labels, minlength=training_set.num_classes)
     clean = clean / clean.sum()
     train_l = stage_logits(config, training_set, os.path.join(workdir, imbalance_loss),
                            imbalance_loss, "train")
     masses = {"clean": clean, "given_labels": counts / counts.sum()}
-    for mode in ("none", "label_prior"):  # as the pipeline makes the allocation's class mass
-        masses[f"f_L_{mode}"] = np.asarray(global_class_mass(
-            train_l + objectives.class_mass_shift(mode, counts)))
-    shifted = train_l + log_prior
+    masses["f_L_none"] = np.asarray(global_class_mass(train_l))  # as the pipeline makes them
+    masses["f_L_label_prior"] = np.asarray(global_class_mass(train_l + log_prior))
     masses["f_L_label_prior_argmax"] = np.bincount(
-        shifted.argmax(-1), minlength=training_set.num_classes) / len(shifted)
+        (train_l + log_prior).argmax(-1), minlength=training_set.num_classes) / len(train_l)
     result = {"class_mass": {k: [float(x) for x in v] for k, v in masses.items()},
               "class_mass_l1_to_clean": {k: float(np.abs(np.asarray(v) - clean).sum())
                                          for k, v in masses.items()}}

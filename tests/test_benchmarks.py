@@ -101,6 +101,11 @@ def test_accuracy_writes_the_table_and_the_records(tmp_path):
     for name, mass in found["class_mass"].items():
         assert sum(mass) == pytest.approx(1, abs=1e-5) and min(mass) >= 0, name
     assert found["class_mass_l1_to_clean"]["clean"] == 0
+    # Arguments that name another run than the workdir's stop before reporting anything.
+    with pytest.raises(AssertionError, match="was not trained with --setting/--preset/--seed"):
+        run_script("teacher_diagnostics.py", "--data=digits", "--preset=smoke", "--seed=1",
+                   "--setting=imbalance=10,noise=sym,noise_rate=0.2",
+                   f"--workdir={tmp_path}/imbalance-10_noise-sym_noise_rate-0.2/seed0")
 
 
 def test_the_summary_tells_a_run_without_augmentation_apart():

@@ -197,23 +197,36 @@ def train_or_reuse_stage(config, stage_dir: str, *, training_set, method, name: 
     its checkpoints. A stage of another identity (a changed config) is removed and retrained,
     so a resume never continues someone else's run.
     """
-    results_path = os.path.join(stage_dir, "results.json")
     if claim_stage_dir(stage_dir, identity, name):
-        if os.path.exists(results_path):
-            template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
-                                           training_set.sample_images)
-            restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
-                                    keep=config.keep_checkpoints).restore_latest(template)
-            total = config.optim.epochs * (training_set.num_train // config.optim.batch_size)
-            if restored is not None and int(restored[0].step) == total:
-                print(f"[{name}] reusing the finished stage in {stage_dir}")
-                with open(results_path) as f:
-                    return json.load(f), restored[0]
+        finished = restore_finished_stage(config, stage_dir, training_set=training_set,
+                                          method=method)
+        if finished is not None:
+            print(f"[{name}] reusing the finished stage in {stage_dir}")
+            return finished
     results, state = loop.train(config, stage_dir, training_set=training_set, method=method,
                                 name=name, **train_kwargs)
     results["identity"] = json.loads(json.dumps(identity))
-    write_json(results_path, results)
+    write_json(os.path.join(stage_dir, "results.json"), results)
     return results, state
+
+
+def restore_finished_stage(config, stage_dir: str, *, training_set,
+                           method) -> tuple[dict, Any] | None:
+    """(results, final state) of the finished stage in `stage_dir`, or None when it has no
+    `results.json` or its latest checkpoint is not the schedule's last step. Does not check
+    the stage's identity (see `train_or_reuse_stage`, `claim_stage_dir`)."""
+    results_path = os.path.join(stage_dir, "results.json")
+    if not os.path.exists(results_path):
+        return None
+    template = step_lib.init_state(method, jax.random.PRNGKey(config.seed),
+                                   training_set.sample_images)
+    restored = Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                            keep=config.keep_checkpoints).restore_latest(template)
+    total = config.optim.epochs * (training_set.num_train // config.optim.batch_size)
+    if restored is None or int(restored[0].step) != total:
+        return None
+    with open(results_path) as f:
+        return json.load(f), restored[0]
 
 
 def claim_stage_dir(stage_dir: str, identity: dict, name: str) -> bool:
