@@ -204,6 +204,19 @@ def single_model_setting(record: dict) -> str | None:
     return ",".join(p for p in parts if p != f"loss={record['loss']}")
 
 
+def changes_nothing(overrides: dict | None) -> bool:
+    """Whether a student variant's overrides leave the dsink family's defaults as they are (e.g.
+    `cached:dsink.teachers=cached` once `cached` became the default): its student is the
+    default's and is summarised with it."""
+    overrides = overrides or {}
+    if not all(key.startswith("dsink.") for key in overrides):
+        return False
+    default = pipelines.dsink.build_config(pipelines.dsink.ARGS)
+    changed = default.copy_and_resolve_references()
+    apply_overrides(changed, overrides)
+    return changed.to_dict() == default.to_dict()
+
+
 def summary_groups(records: list[dict]) -> dict:
     """{(setting, protocol): {column: [one record per seed]}}: the teachers by role (one per
     seed), each student by variant, a model of the baseline family (one loss, trained alone)
@@ -213,7 +226,8 @@ def summary_groups(records: list[dict]) -> dict:
         single = single_model_setting(r)
         key = (single or r["setting"], protocol_label(r))
         if r["name"] == "student":
-            column = f"student {r.get('variant') or 'default'}"
+            column = ("student default" if changes_nothing(r.get("overrides"))
+                      else f"student {r['variant']}")
         elif single is not None:
             column = f"single model ({r['loss']})"
         else:

@@ -169,6 +169,30 @@ def test_the_summary_puts_a_single_model_beside_the_dsink_runs_of_its_setting():
     assert accuracy.single_model_setting(records[0]) is None
 
 
+def test_a_variant_that_changes_no_default_is_summarised_as_the_default_student():
+    from benchmarks import accuracy
+    base = dict(protocol={"preset": "cpu", "model": "resnet8", "dtype": "bfloat16",
+                          "epochs": 30}, name="student", loss="dsink", few_shot_accuracy=0.1,
+                setting="imbalance=100,noise=sym,noise_rate=0.4")
+    records = [dict(base, seed=0, variant="cached", overrides={"dsink.teachers": "cached"},
+                    test_accuracy=0.42),
+               dict(base, seed=1, variant=None, overrides=None, test_accuracy=0.44),
+               dict(base, seed=0, variant="e1", overrides={"dsink.epsilon": "1"},
+                    test_accuracy=0.45),
+               dict(base, seed=0, variant="e2", overrides={"dsink.epsilon": "2.0"},
+                    test_accuracy=0.40),
+               dict(base, seed=0, variant="fwd", overrides={"dsink.teachers": "forward"},
+                    test_accuracy=0.41),
+               dict(base, seed=0, variant="long", overrides={"optim.epochs": "30"},
+                    test_accuracy=0.43)]
+    columns = accuracy.summary_groups(records)[(base["setting"],
+                                                "cpu: resnet8, bfloat16, 30 epochs")]
+    # One seed per column: the first of seed 0's two default-equal students is kept.
+    assert {c: [r["test_accuracy"] for r in rows] for c, rows in columns.items()} == {
+        "student default": [0.42, 0.44], "student e1": [0.45], "student fwd": [0.41],
+        "student long": [0.43]}
+
+
 def test_accuracy_jobs_train_workdirs_in_parallel_processes_to_the_same_models(tmp_path):
     common = ("--family=baseline", "--data=digits", "--preset=smoke",
               "--settings=imbalance=10,noise=sym,noise_rate=0.2")

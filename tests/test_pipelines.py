@@ -117,6 +117,31 @@ def test_teacher_processes_train_the_teachers_at_once_to_the_same_models(dsink_r
         pipelines.dsink.validate(config)
 
 
+def test_class_mass_from_the_clean_labels_is_the_clean_distribution(dsink_run):
+    """The diagnostic `dsink.class_mass_source=clean_labels`: the allocation is held to the clean
+    class distribution instead of f_L's estimate, and the option is in the student's identity
+    only where it is set (finished students of before it stay reusable)."""
+    workdir, _ = dsink_run
+    config = dsink_smoke_config()
+    training_set = pipelines.prepare_training_set(config)
+    estimated = pipelines.dsink.train_teachers(config, workdir, training_set)["class_mass"]
+    assert "class_mass_source" not in pipelines.dsink.identity_options(config.dsink)
+    config.dsink.class_mass_source = "clean_labels"
+    pipelines.dsink.validate(config)
+    clean = pipelines.dsink.train_teachers(config, workdir, training_set)["class_mass"]
+    counts = training_set.class_counts
+    np.testing.assert_allclose(clean, counts / counts.sum(), rtol=1e-6)
+    # Under 30 % symmetric noise f_L's label-prior mass is the noisy one, not the clean one.
+    assert np.abs(estimated - clean).sum() > 0.05
+    assert pipelines.dsink.identity_options(config.dsink)["class_mass_source"] == "clean_labels"
+    config.dsink.allocation = "batch"  # a per-batch mass of f_L: refused before training
+    with pytest.raises(configs.ConfigError, match="class_mass_source='clean_labels' is a fixed"):
+        pipelines.dsink.validate(config)
+    config.dsink.class_mass_source = "oracle"
+    with pytest.raises(configs.ConfigError, match="allowed: imbalance_teacher, clean_labels"):
+        pipelines.dsink.validate(config)
+
+
 @pytest.mark.parametrize("overrides,trained", [
     (dict(allocation="dataset", base_loss="la", refresh_every_epochs=1, noise_loss="gce"), 1),
     (dict(allocation="online", base_loss="la", inference="class_mass"), 0),

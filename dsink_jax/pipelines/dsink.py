@@ -52,6 +52,12 @@ MAX_TEACHER_TABLE_BYTES = 2 * 2**30
 # 100 epochs of the MLP on digits it had memorised them and a GCE f_N gave the better student.
 AUTO_CE_MAX_EPOCHS = 30
 INFERENCE_MODES = ("raw", "label_prior", "class_mass")
+# Where the allocation's class mass over the training set comes from: "imbalance_teacher" (the
+# stated Q 1_N = sum_i f_L(x_i), with `class_mass_prior`) or "clean_labels" (a diagnostic, not a
+# method: the clean-label distribution, known only for synthetic noise; it bounds what a better
+# estimate of the clean class mass could give; with real or streamed data the clean labels are
+# the given ones).
+CLASS_MASS_SOURCES = ("imbalance_teacher", "clean_labels")
 
 ARGS: dict[str, Any] = {
     **configs_lib.COMMON_ARGS,
@@ -111,6 +117,8 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         # f_L's estimate of the training posterior, the quantity its loss fits to the labels;
         # the default: the raw mass made the allocation's argmax worse than the given labels).
         c.dsink.class_mass_prior = args["class_mass_prior"]
+        # (ours, a diagnostic) "imbalance_teacher" or "clean_labels" (CLASS_MASS_SOURCES).
+        c.dsink.class_mass_source = "imbalance_teacher"
         # (ours) L_base: "ce" on the given labels, "la" logit-adjusted CE (tau
         # loss_options.la_tau, the given-label prior), "none" to drop it.
         c.dsink.base_loss = args["base_loss"]
@@ -173,6 +181,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(d.class_mass_prior in CLASS_MASS_PRIORS,
              f"dsink.class_mass_prior={d.class_mass_prior!r}; allowed: "
              f"{', '.join(CLASS_MASS_PRIORS)}")
+    require(d.class_mass_source in CLASS_MASS_SOURCES,
+             f"dsink.class_mass_source={d.class_mass_source!r}; allowed: "
+             f"{', '.join(CLASS_MASS_SOURCES)}")
+    require(d.class_mass_source == "imbalance_teacher" or d.allocation != "batch"
+            or d.class_mass == "global",
+            f"dsink.class_mass_source={d.class_mass_source!r} is a fixed training-set mass: "
+            "use dsink.allocation=online or dataset, or dsink.class_mass=global")
     require(d.base_loss in BASE_LOSSES,
              f"dsink.base_loss={d.base_loss!r}; allowed: {', '.join(BASE_LOSSES)}")
     require(d.allocation in ALLOCATIONS,
@@ -271,11 +286,16 @@ def train_teachers(config, workdir: str, training_set) -> dict:
 # How the run is executed, not what it trains: left out of the student's identity, so that
 # changing it reuses a finished student.
 EXECUTION_OPTIONS = ("teacher_processes",)
+# Options added after students were trained and recorded, at the value that reproduces those
+# students: left out of the identity at that value, so that a finished student stays reusable.
+LATER_OPTIONS = {"class_mass_source": "imbalance_teacher"}
 
 
 def identity_options(d) -> dict:
-    """`config.dsink` as it identifies a student stage: every option but EXECUTION_OPTIONS."""
-    return {k: v for k, v in d.to_dict().items() if k not in EXECUTION_OPTIONS}
+    """`config.dsink` as it identifies a student stage: every option but EXECUTION_OPTIONS, and
+    LATER_OPTIONS only where they differ from the value they were added with."""
+    return {k: v for k, v in d.to_dict().items() if k not in EXECUTION_OPTIONS
+            and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
 def pretrain_teachers(config, workdir: str) -> list[str]:
@@ -335,7 +355,10 @@ def assemble_student(config, training_set, stages: dict) -> dict:
         return train_logits_of[role]
 
     class_mass = None
-    if d.class_mass == "global" or d.allocation != "batch":
+    if d.class_mass_source == "clean_labels":  # validate(): a fixed mass is used
+        counts = training_set.class_counts.astype(np.float64)  # clean labels
+        class_mass = (counts / counts.sum()).astype(np.float32)
+    elif d.class_mass == "global" or d.allocation != "batch":
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
         class_mass = np.asarray(global_class_mass(train_logits("imbalance") + shift))
     priors = inference_priors(training_set, class_mass)
