@@ -140,6 +140,15 @@ def test_class_mass_from_the_clean_labels_is_the_clean_distribution(dsink_run):
     config.dsink.class_mass_source = "oracle"
     with pytest.raises(configs.ConfigError, match="allowed: imbalance_teacher, clean_labels"):
         pipelines.dsink.validate(config)
+    # The student's prior: the given labels' by default (out of the identity), or the class mass.
+    d = dsink_smoke_config().dsink
+    assert "student_prior" not in pipelines.dsink.identity_options(d)
+    d.student_prior = "class_mass"
+    assert pipelines.dsink.identity_options(d)["student_prior"] == "class_mass"
+    bad = dsink_smoke_config()
+    bad.dsink.student_prior, bad.dsink.allocation = "class_mass", "batch"
+    with pytest.raises(configs.ConfigError, match="student_prior=class_mass needs the training"):
+        pipelines.dsink.validate(bad)
 
 
 @pytest.mark.parametrize("overrides,trained", [

@@ -58,6 +58,10 @@ INFERENCE_MODES = ("raw", "label_prior", "class_mass")
 # estimate of the clean class mass could give; with real or streamed data the clean labels are
 # the given ones).
 CLASS_MASS_SOURCES = ("imbalance_teacher", "clean_labels")
+# The prior of the student's logit adjustment (and of `base_loss="la"`): "label_prior" (the
+# given labels') or "class_mass" (the allocation's class mass over the training set, so that the
+# student's adjusted logits and its targets assume one class distribution).
+STUDENT_PRIORS = ("label_prior", "class_mass")
 
 ARGS: dict[str, Any] = {
     **configs_lib.COMMON_ARGS,
@@ -119,6 +123,8 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
         c.dsink.class_mass_prior = args["class_mass_prior"]
         # (ours, a diagnostic) "imbalance_teacher" or "clean_labels" (CLASS_MASS_SOURCES).
         c.dsink.class_mass_source = "imbalance_teacher"
+        # (ours) the prior of student_logit_adjustment and base_loss="la" (STUDENT_PRIORS).
+        c.dsink.student_prior = "label_prior"
         # (ours) L_base: "ce" on the given labels, "la" logit-adjusted CE (tau
         # loss_options.la_tau, the given-label prior), "none" to drop it.
         c.dsink.base_loss = args["base_loss"]
@@ -188,6 +194,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             or d.class_mass == "global",
             f"dsink.class_mass_source={d.class_mass_source!r} is a fixed training-set mass: "
             "use dsink.allocation=online or dataset, or dsink.class_mass=global")
+    require(d.student_prior in STUDENT_PRIORS,
+             f"dsink.student_prior={d.student_prior!r}; allowed: {', '.join(STUDENT_PRIORS)}")
+    require(d.student_prior != "class_mass" or d.allocation != "batch"
+            or d.class_mass == "global",
+            "dsink.student_prior=class_mass needs the training-set class mass: "
+            "dsink.allocation=online or dataset, or dsink.class_mass=global")
     require(d.base_loss in BASE_LOSSES,
              f"dsink.base_loss={d.base_loss!r}; allowed: {', '.join(BASE_LOSSES)}")
     require(d.allocation in ALLOCATIONS,
@@ -288,7 +300,7 @@ def train_teachers(config, workdir: str, training_set) -> dict:
 EXECUTION_OPTIONS = ("teacher_processes",)
 # Options added after students were trained and recorded, at the value that reproduces those
 # students: left out of the identity at that value, so that a finished student stays reusable.
-LATER_OPTIONS = {"class_mass_source": "imbalance_teacher"}
+LATER_OPTIONS = {"class_mass_source": "imbalance_teacher", "student_prior": "label_prior"}
 
 
 def identity_options(d) -> dict:
@@ -362,6 +374,7 @@ def assemble_student(config, training_set, stages: dict) -> dict:
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
         class_mass = np.asarray(global_class_mass(train_logits("imbalance") + shift))
     priors = inference_priors(training_set, class_mass)
+    student_prior = class_mass if d.student_prior == "class_mass" else None
     needed_roles = ALLOCATION_TEACHERS[d.allocation]
     if d.teachers == "cached":  # tables of log-probabilities: logit scale 1
         teacher_models = tuple(step_lib.CachedTeacher(training_set.num_classes)
@@ -379,13 +392,14 @@ def assemble_student(config, training_set, stages: dict) -> dict:
                                      class_counts=training_set.noisy_class_counts,
                                      la_tau=config.loss_options.la_tau,
                                      test_prior=priors[d.inference],
-                                     teacher_scales=teacher_scales)
+                                     teacher_scales=teacher_scales,
+                                     student_prior=student_prior)
     refresh = None
     if d.allocation == "dataset":
         refresh = dataset_allocation_refresh(
             d, noise_teacher_logits=train_logits("noise"), class_mass=class_mass,
             class_counts=training_set.noisy_class_counts,
-            every_epochs=int(d.refresh_every_epochs))
+            every_epochs=int(d.refresh_every_epochs), student_prior=student_prior)
     return {"objective": objective, "teacher_models": teacher_models,
             "teacher_variables": teacher_variables, "refresh_extra": refresh,
             "class_mass": class_mass, "priors": priors}

@@ -255,7 +255,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
                          class_counts: np.ndarray | None = None,
                          la_tau: float = 1.0,
                          test_prior: np.ndarray | None = None,
-                         teacher_scales: tuple[float, ...] = ()) -> Objective:
+                         teacher_scales: tuple[float, ...] = (),
+                         student_prior: np.ndarray | None = None) -> Objective:
     """The D-SINK student objective: base loss + alpha * soft CE to the allocation Q.
 
     The teachers' logits arrive as `teacher_logits`, in the order of
@@ -281,6 +282,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
         correction, `logits - log prior`), or None for the raw logits.
       teacher_scales: one factor per teacher of `teacher_logits` (see :func:`logit_scale`);
         default 1.
+      student_prior: [C] the prior of `student_logit_adjustment` and of `base_loss="la"`
+        (`dsink.student_prior`); None = the given-label prior of `class_counts`.
     """
     allocation = str(options.allocation)
     if allocation not in ALLOCATIONS:
@@ -298,11 +301,14 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     num_iters, backend, base = int(options.num_iters), str(options.backend), str(options.base_loss)
     sinkhorn_mode = str(options.sinkhorn_mode)
     tau = float(options.student_logit_adjustment)
-    if (tau or base == "la") and class_counts is None:
+    if (tau or base == "la") and class_counts is None and student_prior is None:
         raise ValueError("student_logit_adjustment and base_loss='la' need class_counts")
-    prior = (None if class_counts is None else
-             jnp.asarray(np.maximum(class_counts, 1) / np.maximum(class_counts, 1).sum(),
-                         jnp.float32))
+    if student_prior is not None:
+        prior = jnp.asarray(student_prior, jnp.float32)
+    else:
+        prior = (None if class_counts is None else
+                 jnp.asarray(np.maximum(class_counts, 1) / np.maximum(class_counts, 1).sum(),
+                             jnp.float32))
     shift = tau * jnp.log(prior) if tau else 0.0
     potential_lr = float(options.potential_learning_rate)
 
@@ -376,7 +382,7 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
 
 def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray,
                                class_mass: np.ndarray, class_counts: np.ndarray | None = None,
-                               every_epochs: int):
+                               every_epochs: int, student_prior: np.ndarray | None = None):
     """The between-epochs solve of `allocation="dataset"`, as a loop `refresh_extra` hook.
 
     Every `every_epochs` epochs (from epoch 0 on) it runs the student over the unaugmented
@@ -391,6 +397,8 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
       class_mass: [C] f_L's class mass over the training set.
       class_counts: [C] given-label counts (for `student_logit_adjustment`).
       every_epochs: refresh period k.
+      student_prior: [C] the prior of `student_logit_adjustment` in place of the given-label
+        prior of `class_counts` (`dsink.student_prior`, as in :func:`make_dsink_objective`).
 
     Returns:
       `refresh(state, epoch, predict_train) -> dict | None` for `dsink_jax.train.loop.train`,
@@ -400,7 +408,9 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
     mass = jnp.asarray(class_mass, jnp.float32)
     tau = float(options.student_logit_adjustment)
     shift = 0.0
-    if tau:
+    if tau and student_prior is not None:
+        shift = tau * np.log(np.asarray(student_prior, np.float64)).astype(np.float32)
+    elif tau:
         if class_counts is None:
             raise ValueError(f"student_logit_adjustment={tau} needs class_counts (the given-label "
                              "counts); got class_counts=None")

@@ -356,3 +356,46 @@ def test_select_la_keeps_the_smallest_running_losses_of_each_class_after_its_sta
                                                     step=10)[0]))(logits2)
     assert np.all(np.abs(np.asarray(grad))[~kept].sum(-1) == 0)
     assert np.all(np.abs(np.asarray(grad))[kept].sum(-1) > 0)
+
+
+def test_student_prior_replaces_the_label_prior_in_every_term():
+    logits, noise, _, labels, indices = batch(5)
+    prior = np.array([0.7, 0.2, 0.06, 0.04], np.float32)
+    extra = {"class_potential": jnp.asarray([0.3, -0.1, 0.2, -0.4])}
+
+    def run(**kwargs):
+        objective = objectives.make_dsink_objective(
+            options(allocation="online", student_logit_adjustment=1.0, base_loss="la"),
+            clean_labels=CLEAN, steps_per_epoch=10, class_mass=MASS, class_counts=COUNTS,
+            **kwargs)
+        return objective(logits, labels, indices=indices, extra=extra, step=0,
+                         teacher_logits=(noise,))[0]
+
+    per_example = run(student_prior=prior)
+    shifted = logits + jnp.log(prior)
+    q = ot.allocation_from_potential(jax.nn.log_softmax(noise), jax.nn.log_softmax(shifted),
+                                     extra["class_potential"])
+    expected = distillation_terms(shifted, q, labels, alpha=2.0, base_loss="la",
+                                  label_prior=jnp.asarray(prior)).per_example
+    np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+    # The given-label prior as student_prior is the default; another prior changes the loss.
+    np.testing.assert_allclose(run(student_prior=COUNTS / COUNTS.sum()), run(), rtol=1e-6)
+    assert not np.allclose(per_example, run())
+
+
+def test_dataset_refresh_uses_the_student_prior():
+    noise_logits = np.asarray(2.0 * jax.random.normal(jax.random.key(4), (N, C)))
+    student_logits = np.asarray(2.0 * jax.random.normal(jax.random.key(5), (N, C)))
+    prior = np.array([0.7, 0.2, 0.06, 0.04], np.float32)
+    refresh = objectives.dataset_allocation_refresh(
+        options(allocation="dataset", student_logit_adjustment=0.5),
+        noise_teacher_logits=noise_logits, class_mass=MASS, every_epochs=1,
+        student_prior=prior)
+    new = refresh("state", 0, lambda state: student_logits)
+    expected = ot.sinkhorn_allocation(
+        jax.nn.log_softmax(noise_logits),
+        jax.nn.log_softmax(student_logits + 0.5 * np.log(prior)), MASS,
+        num_iters=200).allocation
+    np.testing.assert_allclose(new["allocation"], expected, atol=1e-6)
+
+
