@@ -54,9 +54,9 @@ AUTO_CE_MAX_EPOCHS = 30
 INFERENCE_MODES = ("raw", "label_prior", "class_mass")
 # Where the allocation's class mass over the training set comes from: "imbalance_teacher" (the
 # stated Q 1_N = sum_i f_L(x_i), with `class_mass_prior`) or "clean_labels" (a diagnostic, not a
-# method: the clean-label distribution, known only for synthetic noise; it bounds what a better
-# estimate of the clean class mass could give; with real or streamed data the clean labels are
-# the given ones).
+# method: the distribution of the source's labels before the synthetic or CIFAR-N noise, known
+# only where the noise was added; it measures what a better estimate of the clean class mass
+# could give; a source whose own labels are noisy has no clean ones to give).
 CLASS_MASS_SOURCES = ("imbalance_teacher", "clean_labels")
 # The prior of the student's logit adjustment (and of `base_loss="la"`): "label_prior" (the
 # given labels') or "class_mass" (the allocation's class mass over the training set, so that the
@@ -368,7 +368,7 @@ def assemble_student(config, training_set, stages: dict) -> dict:
 
     class_mass = None
     if d.class_mass_source == "clean_labels":  # validate(): a fixed mass is used
-        counts = training_set.class_counts.astype(np.float64)  # clean labels
+        counts = np.maximum(training_set.class_counts, 1).astype(np.float64)  # clean labels
         class_mass = (counts / counts.sum()).astype(np.float32)
     elif d.class_mass == "global" or d.allocation != "batch":
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
