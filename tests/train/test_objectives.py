@@ -397,5 +397,3 @@ def test_dataset_refresh_uses_the_student_prior():
         jax.nn.log_softmax(student_logits + 0.5 * np.log(prior)), MASS,
         num_iters=200).allocation
     np.testing.assert_allclose(new["allocation"], expected, atol=1e-6)
-
-
