@@ -211,10 +211,10 @@ def changes_nothing(overrides: dict | None) -> bool:
     overrides = overrides or {}
     if not all(key.startswith("dsink.") for key in overrides):
         return False
-    default = pipelines.dsink.build_config(pipelines.dsink.ARGS)
-    changed = default.copy_and_resolve_references()
+    changed = pipelines.dsink.build_config(pipelines.dsink.ARGS)
+    default = changed.to_dict()
     apply_overrides(changed, overrides)
-    return changed.to_dict() == default.to_dict()
+    return changed.to_dict() == default
 
 
 def summary_groups(records: list[dict]) -> dict:

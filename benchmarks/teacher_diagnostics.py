@@ -64,8 +64,7 @@ def diagnostics(config, training_set, workdir: str, imbalance_loss: str = "la") 
     """The class masses and the test accuracies described in the module docstring."""
     counts = training_set.noisy_class_counts
     log_prior = objectives.class_mass_shift("label_prior", counts)  # log given-label prior
-    clean = np.bincount(training_set.clean_labels, minlength=training_set.num_classes)
-    clean = clean / clean.sum()
+    clean = training_set.class_counts / training_set.class_counts.sum()
     train_l = stage_logits(config, training_set, os.path.join(workdir, imbalance_loss),
                            imbalance_loss, "train")
     masses = {"clean": clean, "given_labels": counts / counts.sum()}

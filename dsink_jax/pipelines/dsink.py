@@ -156,6 +156,12 @@ def build_config(args: dict[str, Any]) -> ml_collections.ConfigDict:
     return c
 
 
+def uses_training_set_mass(d) -> bool:
+    """Whether the allocation of `config.dsink` is held to one class mass over the training set
+    (the dataset-level allocations, or `class_mass="global"`), not to a per-batch one."""
+    return d.class_mass == "global" or d.allocation != "batch"
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every value the family reads (the shared sections, then `dsink`), before any work.
 
@@ -190,14 +196,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(d.class_mass_source in CLASS_MASS_SOURCES,
              f"dsink.class_mass_source={d.class_mass_source!r}; allowed: "
              f"{', '.join(CLASS_MASS_SOURCES)}")
-    require(d.class_mass_source == "imbalance_teacher" or d.allocation != "batch"
-            or d.class_mass == "global",
+    require(d.class_mass_source == "imbalance_teacher" or uses_training_set_mass(d),
             f"dsink.class_mass_source={d.class_mass_source!r} is a fixed training-set mass: "
             "use dsink.allocation=online or dataset, or dsink.class_mass=global")
     require(d.student_prior in STUDENT_PRIORS,
              f"dsink.student_prior={d.student_prior!r}; allowed: {', '.join(STUDENT_PRIORS)}")
-    require(d.student_prior != "class_mass" or d.allocation != "batch"
-            or d.class_mass == "global",
+    require(d.student_prior != "class_mass" or uses_training_set_mass(d),
             "dsink.student_prior=class_mass needs the training-set class mass: "
             "dsink.allocation=online or dataset, or dsink.class_mass=global")
     require(d.base_loss in BASE_LOSSES,
@@ -232,7 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"dsink.teacher_cache_topk={d.teacher_cache_topk} must be >= 0 (0 = every class)")
     require(d.inference in INFERENCE_MODES,
              f"dsink.inference={d.inference!r}; allowed: {', '.join(INFERENCE_MODES)}")
-    require(d.inference != "class_mass" or d.allocation != "batch" or d.class_mass == "global",
+    require(d.inference != "class_mass" or uses_training_set_mass(d),
              "dsink.inference=class_mass needs the training-set class mass: dsink.allocation="
              "dataset or online, or dsink.class_mass=global")
     require(_is_stage_dir_name(d.stage_name),
@@ -370,7 +374,7 @@ def assemble_student(config, training_set, stages: dict) -> dict:
     if d.class_mass_source == "clean_labels":  # validate(): a fixed mass is used
         counts = np.maximum(training_set.class_counts, 1).astype(np.float64)  # clean labels
         class_mass = (counts / counts.sum()).astype(np.float32)
-    elif d.class_mass == "global" or d.allocation != "batch":
+    elif uses_training_set_mass(d):
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
         class_mass = np.asarray(global_class_mass(train_logits("imbalance") + shift))
     priors = inference_priors(training_set, class_mass)

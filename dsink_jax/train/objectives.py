@@ -250,6 +250,19 @@ ALLOCATIONS = ("batch", "dataset", "online")
 ALLOCATION_TEACHERS = {"batch": ("noise", "imbalance"), "dataset": (), "online": ("noise",)}
 
 
+def _student_prior(class_counts: np.ndarray | None,
+                   student_prior: np.ndarray | None) -> np.ndarray | None:
+    """The [C] prior of `student_logit_adjustment` and `base_loss="la"` (float64): the given
+    `student_prior`, else the given-label prior of `class_counts` (empty classes count 1), else
+    None."""
+    if student_prior is not None:
+        return np.asarray(student_prior, np.float64)
+    if class_counts is None:
+        return None
+    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
+    return counts / counts.sum()
+
+
 def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_epoch: int,
                          class_mass: np.ndarray | None = None,
                          class_counts: np.ndarray | None = None,
@@ -303,12 +316,8 @@ def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_ep
     tau = float(options.student_logit_adjustment)
     if (tau or base == "la") and class_counts is None and student_prior is None:
         raise ValueError("student_logit_adjustment and base_loss='la' need class_counts")
-    if student_prior is not None:
-        prior = jnp.asarray(student_prior, jnp.float32)
-    else:
-        prior = (None if class_counts is None else
-                 jnp.asarray(np.maximum(class_counts, 1) / np.maximum(class_counts, 1).sum(),
-                             jnp.float32))
+    prior = _student_prior(class_counts, student_prior)
+    prior = None if prior is None else jnp.asarray(prior, jnp.float32)
     shift = tau * jnp.log(prior) if tau else 0.0
     potential_lr = float(options.potential_learning_rate)
 
@@ -408,14 +417,12 @@ def dataset_allocation_refresh(options: Any, *, noise_teacher_logits: np.ndarray
     mass = jnp.asarray(class_mass, jnp.float32)
     tau = float(options.student_logit_adjustment)
     shift = 0.0
-    if tau and student_prior is not None:
-        shift = tau * np.log(np.asarray(student_prior, np.float64)).astype(np.float32)
-    elif tau:
-        if class_counts is None:
+    if tau:
+        prior = _student_prior(class_counts, student_prior)
+        if prior is None:
             raise ValueError(f"student_logit_adjustment={tau} needs class_counts (the given-label "
                              "counts); got class_counts=None")
-        counts = np.maximum(np.asarray(class_counts), 1)
-        shift = tau * np.log(counts / counts.sum()).astype(np.float32)
+        shift = tau * np.log(prior).astype(np.float32)
     epsilon, num_iters = float(options.epsilon), int(options.num_iters)
     backend, sinkhorn_mode = str(options.backend), str(options.sinkhorn_mode)
 
