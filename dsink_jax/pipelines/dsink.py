@@ -35,8 +35,9 @@ from dsink_jax.train import step as step_lib
 from dsink_jax.train.workdir import WorkdirLock, process_pool, provenance, write_json
 from dsink_jax.train.objectives import (ALLOCATION_TEACHERS, ALLOCATIONS, CLASS_MASS_MODES,
                                         CLASS_MASS_PRIORS, LOSS_HEADS, LOSS_NAMES,
-                                        class_mass_shift, dataset_allocation_refresh,
-                                        logit_scale, make_dsink_objective)
+                                        class_mass_shift, count_prior,
+                                        dataset_allocation_refresh, logit_scale,
+                                        make_dsink_objective)
 
 INIT_FROM = ("scratch", "imbalance_teacher")
 # (ours) how the student's step gets the frozen teachers' outputs: "forward" runs them on every
@@ -372,8 +373,7 @@ def assemble_student(config, training_set, stages: dict) -> dict:
 
     class_mass = None
     if d.class_mass_source == "clean_labels":  # validate(): a fixed mass is used
-        counts = np.maximum(training_set.class_counts, 1).astype(np.float64)  # clean labels
-        class_mass = (counts / counts.sum()).astype(np.float32)
+        class_mass = count_prior(training_set.class_counts).astype(np.float32)  # clean labels
     elif uses_training_set_mass(d):
         shift = class_mass_shift(d.class_mass_prior, training_set.noisy_class_counts)
         class_mass = np.asarray(global_class_mass(train_logits("imbalance") + shift))
@@ -447,8 +447,7 @@ def inference_priors(training_set, class_mass: np.ndarray | None) -> dict:
     "raw": no correction; "label_prior": the given-label distribution; "class_mass": f_L's class
     mass over the training set (the allocation's class marginal in the dataset modes).
     """
-    counts = np.maximum(training_set.noisy_class_counts, 1).astype(np.float64)
-    priors = {"raw": None, "label_prior": counts / counts.sum()}
+    priors = {"raw": None, "label_prior": count_prior(training_set.noisy_class_counts)}
     if class_mass is not None:
         priors["class_mass"] = np.asarray(class_mass, np.float64)
     return priors

@@ -95,6 +95,13 @@ def _no_extra() -> dict:
     return {}
 
 
+def count_prior(class_counts: np.ndarray) -> np.ndarray:
+    """[C] float64 class prior of per-class counts, an empty class counted as 1 (so that its
+    log stays finite): the given-label prior of the logit-adjusted losses and of D-SINK."""
+    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
+    return counts / counts.sum()
+
+
 def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_train: int,
                    steps_per_epoch: int, epochs: int) -> Objective:
     """Binds a single-robustness loss to the training set.
@@ -115,7 +122,7 @@ def make_objective(name: str, options: Any, *, class_counts: np.ndarray, num_tra
         raise ValueError(f"unknown loss {name!r}; allowed: {', '.join(LOSS_NAMES)}")
     counts = np.asarray(class_counts, np.float64)
     num_classes = counts.shape[0]
-    prior = jnp.asarray(np.maximum(counts, 1) / np.maximum(counts, 1).sum(), jnp.float32)
+    prior = jnp.asarray(count_prior(counts), jnp.float32)
     adjustment = float(options.la_tau) * jnp.log(prior)  # of the *_la robust losses
 
     def wrap(per_example):
@@ -234,8 +241,7 @@ def class_mass_shift(class_mass_prior: str, class_counts: np.ndarray) -> np.ndar
                          f"{', '.join(CLASS_MASS_PRIORS)}")
     if class_mass_prior == "none":
         return 0.0
-    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
-    return np.log(counts / counts.sum()).astype(np.float32)
+    return np.log(count_prior(class_counts)).astype(np.float32)
 # Granularity of the D-SINK allocation (docs/method notes, "Granularity of Q"):
 #   "batch":   Sinkhorn over each mini-batch, both teachers run on every step (class mass per
 #              `class_mass`);
@@ -257,10 +263,7 @@ def _student_prior(class_counts: np.ndarray | None,
     None."""
     if student_prior is not None:
         return np.asarray(student_prior, np.float64)
-    if class_counts is None:
-        return None
-    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
-    return counts / counts.sum()
+    return None if class_counts is None else count_prior(class_counts)
 
 
 def make_dsink_objective(options: Any, *, clean_labels: np.ndarray, steps_per_epoch: int,
@@ -471,9 +474,8 @@ def make_ot_softmax_objective(options: Any, *, class_counts: np.ndarray) -> Obje
     if options.inference not in OT_INFERENCE_MODES:
         raise ValueError(f"inference={options.inference!r}; allowed: "
                          f"{', '.join(OT_INFERENCE_MODES)}")
-    counts = np.maximum(np.asarray(class_counts, np.float64), 1)
-    num_classes = len(counts)
-    nu = counts / counts.sum() if options.train_target == "prior" else np.full(
+    num_classes = len(class_counts)
+    nu = count_prior(class_counts) if options.train_target == "prior" else np.full(
         num_classes, 1.0 / num_classes)
     nu = jnp.asarray(nu, jnp.float32)
     uniform = jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)
