@@ -53,3 +53,23 @@ def wait_all(procs: list, timeout: int = 600) -> None:
 def run_processes(script: str, num_processes: int, *args, devices: int, timeout: int = 600):
     """`start_processes`, then `wait_all`."""
     wait_all(start_processes(script, num_processes, *args, devices=devices), timeout)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a re-parented child may wait unreaped in a container)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:
+            pass
+    return [c for c in found if running(c)]

@@ -32,6 +32,7 @@ from dsink_jax.data import TrainingSet, epoch_batches
 from dsink_jax.data import streaming
 from dsink_jax.train import parallel
 from dsink_jax.train import step as step_lib
+from dsink_jax.train import workdir
 
 _AUGMENT_STREAM = 0x4155
 
@@ -80,10 +81,26 @@ class _Records:
     Item k is the source's record k plus its "label" and its position "index". `name` is the
     repr, which grain compares when it restores an iterator: it must identify the records and
     labels.
+
+    grain's worker processes unpickle it: a worker that is a child of the process that pickled
+    it (the training process) ends itself once that process is gone (`workdir.exit_with_parent`),
+    as grain's own clean-up does not run when the training process is killed (SIGKILL, OOM).
     """
+
+    _watching_parent = False  # this process already watches its parent
 
     def __init__(self, source, labels: np.ndarray, *, name: str):
         self.source, self.labels, self._repr = source, np.asarray(labels, np.int32), name
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_owner_pid": os.getpid()}
+
+    def __setstate__(self, state: dict) -> None:
+        owner = state.pop("_owner_pid")
+        self.__dict__.update(state)
+        if os.getppid() == owner and not _Records._watching_parent:
+            _Records._watching_parent = True
+            workdir.exit_with_parent(owner)
 
     def __repr__(self) -> str:
         return self._repr

@@ -9,8 +9,9 @@
   multi-host run takes the lock, so the processes of one run never lock each other out.
 * :func:`provenance`: what a results file needs to be reproduced and compared across machines.
 * :func:`process_pool`: the spawned worker processes that train stages or workdirs side by
-  side; a worker ends itself when the process that started it is gone, so that killing a run
-  never leaves its workers training (and holding its workdirs) unseen.
+  side; a worker ends itself when the process that started it is gone (:func:`exit_with_parent`,
+  also used by the streaming feed's grain workers), so that killing a run never leaves its
+  workers training (and holding its workdirs) or decoding unseen.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-# How often a worker of `process_pool` checks that its parent is alive.
+# How often a worker (of `process_pool`, or grain's) checks that its parent is alive.
 PARENT_POLL_SECONDS = 2.0
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """`process_pool`'s initializer: a daemon thread ends this worker once its parent is gone
-    (killed, even with SIGKILL: the worker is then re-parented). Its stage resumes from its
-    latest checkpoint when the command runs again, as after any kill."""
+def exit_with_parent(parent_pid: int) -> None:
+    """Called in a worker process: a daemon thread ends it once its parent `parent_pid` is gone
+    (killed, even with SIGKILL: the worker is then re-parented). `process_pool`'s initializer;
+    a stage resumes from its latest checkpoint when the command runs again, as after any kill."""
     def watch():
         while os.getppid() == parent_pid:
             time.sleep(PARENT_POLL_SECONDS)
@@ -94,12 +95,12 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def process_pool(max_workers: int):
     """A `ProcessPoolExecutor` of `max_workers` spawned processes (a forked JAX process can
-    deadlock) that exit when this process is gone (see :func:`_exit_with_parent`)."""
+    deadlock) that exit when this process is gone (see :func:`exit_with_parent`)."""
     import concurrent.futures  # pylint: disable=import-outside-toplevel
     import multiprocessing  # pylint: disable=import-outside-toplevel
     return concurrent.futures.ProcessPoolExecutor(
         max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_exit_with_parent, initargs=(os.getpid(),))
+        initializer=exit_with_parent, initargs=(os.getpid(),))
 
 
 class WorkdirBusyError(RuntimeError):

@@ -1,4 +1,5 @@
-"""Training from a stream: kill -9 mid-epoch, then the same command, is bitwise the same.
+"""Training from a stream: kill -9 mid-epoch, then the same command, is bitwise the same, and
+the killed run's grain workers end with it.
 
 (2 hosts reading disjoint shards of a stream: tests/train/test_parallel.py.)"""
 
@@ -12,7 +13,8 @@ import time
 import pytest
 
 from tests.data.test_streaming import write_tree
-from tests.multiprocess import ROOT
+from dsink_jax.train import workdir
+from tests.multiprocess import ROOT, children, running
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
@@ -48,8 +50,14 @@ def test_kill9_mid_epoch_then_the_same_command_gives_identical_parameters(tree, 
         if any(s > steps_per_epoch and s % steps_per_epoch for s in saved):
             break  # a checkpoint inside the second epoch exists
         time.sleep(0.02)
+    workers = children(proc.pid)  # grain's decoding workers (input.workers=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert len(workers) >= 2, workers
+    deadline = time.time() + 5 * workdir.PARENT_POLL_SECONDS + 10
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(running, workers)), f"grain workers outlived their killed run: {workers}"
     assert not (killed / "ce" / "results.json").exists()
     saved = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
     assert saved[-1] % steps_per_epoch, f"the run should be killed mid-epoch, saved {saved}"

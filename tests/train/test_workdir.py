@@ -10,6 +10,7 @@ import time
 import pytest
 
 from dsink_jax.train import parallel, workdir
+from tests.multiprocess import running
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,15 +118,6 @@ def test_provenance_names_versions_devices_and_commit():
     assert "git_commit" in info and "command" in info
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a re-parented child may wait unreaped in a container)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 def test_pool_workers_end_when_their_parent_is_killed():
     parent = subprocess.Popen([sys.executable, "-c", (
@@ -137,13 +129,13 @@ def test_pool_workers_end_when_their_parent_is_killed():
         "time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     try:
         worker = int(parent.stdout.readline())
-        assert _running(worker)
+        assert running(worker)
         parent.kill()  # SIGKILL: no handler of the parent's runs
         parent.wait()
         deadline = time.time() + 5 * workdir.PARENT_POLL_SECONDS + 10
-        while _running(worker) and time.time() < deadline:
+        while running(worker) and time.time() < deadline:
             time.sleep(0.2)
-        assert not _running(worker)
+        assert not running(worker)
     finally:
         parent.kill()
         parent.wait()
