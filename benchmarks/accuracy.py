@@ -19,6 +19,12 @@ Several workdirs at once (`--jobs=N` processes, each a (setting, seed) with its 
 on a 2-core CPU two processes trained at 1.4-2x the images/s of one):
   python benchmarks/accuracy.py --family=dsink --root=runs/accuracy_dsink --seeds=0,1 --jobs=2 \
     --settings="imbalance=100,noise=sym,noise_rate=0.4"
+A grid of students as one program per workdir (`experiments/sweep.py`'s sweep, here with the
+records of every member; `--sweep-members=unroll`, the default, suits conv nets on a CPU): a
+member whose values are the defaults is the default student, one that changes epsilon alone is
+summarised with a variant that does the same (`e1:dsink.epsilon=1`), under the variant's name:
+  python benchmarks/accuracy.py --family=dsink --root=runs/acc --seeds=2 \
+    --settings="imbalance=100,noise=asym,noise_rate=0.2" --sweep="alpha=1,2,5;epsilon=1,2,4"
 An ablation: named student variants, each a list of config overrides (`;` between variants):
   python benchmarks/accuracy.py --family=dsink --root=runs/ablation \
     --settings="imbalance=100,noise=sym,noise_rate=0.4" \
@@ -50,6 +56,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,6 +69,7 @@ BUILDERS = {
     "dsink": (pipelines.dsink.ARGS, pipelines.dsink.build_config),
     "ot_softmax": (pipelines.ot_softmax.ARGS, pipelines.ot_softmax.build_config),
 }
+SWEPT_HERE = ("alpha", "epsilon")  # a student's own options, recorded as dsink.* overrides
 GROUPS = ("test_accuracy", "many_shot_accuracy", "medium_shot_accuracy", "few_shot_accuracy")
 COLUMNS = GROUPS + ("correction_rate",)
 
@@ -204,30 +212,53 @@ def single_model_setting(record: dict) -> str | None:
     return ",".join(p for p in parts if p != f"loss={record['loss']}")
 
 
-def changes_nothing(overrides: dict | None) -> bool:
-    """Whether a student variant's overrides leave the dsink family's defaults as they are (e.g.
-    `cached:dsink.teachers=cached` once `cached` became the default): its student is the
-    default's and is summarised with it."""
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def effective_changes(overrides: dict | None) -> tuple | None:
+    """What a student variant's overrides change in the dsink family's defaults, as sorted
+    (field, value) pairs: `()` for a variant that changes nothing (e.g.
+    `cached:dsink.teachers=cached` once `cached` became the default, or a sweep member with the
+    default alpha and epsilon), the same pairs for `e1:dsink.epsilon=1` and for the sweep
+    member `alpha2_epsilon1`. None where an override is not a student option (`optim.epochs`
+    also changes the teachers): such a variant is only ever its own."""
     overrides = overrides or {}
     if not all(key.startswith("dsink.") for key in overrides):
-        return False
+        return None
     changed = pipelines.dsink.build_config(pipelines.dsink.ARGS)
-    default = changed.to_dict()
+    default = _flat(changed.to_dict())
     apply_overrides(changed, overrides)
-    return changed.to_dict() == default
+    return tuple(sorted((k, v) for k, v in _flat(changed.to_dict()).items()
+                        if default.get(k) != v))
+
+
+def changes_nothing(overrides: dict | None) -> bool:
+    """Whether a student variant's overrides leave the dsink family's defaults as they are: its
+    student is the default's and is summarised with it."""
+    return effective_changes(overrides) == ()
 
 
 def summary_groups(records: list[dict]) -> dict:
     """{(setting, protocol): {column: [one record per seed]}}: the teachers by role (one per
-    seed), each student by variant, a model of the baseline family (one loss, trained alone)
-    as "single model (loss)" beside them. `protocol` is the whole-run overrides (`--set`)."""
+    seed), each student by what its variant changes (named after the first variant seen to
+    change that, "default" for nothing), a model of the baseline family (one loss, trained
+    alone) as "single model (loss)" beside them. `protocol` is the whole-run overrides (`--set`)."""
     groups: dict = {}
+    named: dict = {}  # a student's effective changes -> the first variant name that made them
     for r in records:
         single = single_model_setting(r)
         key = (single or r["setting"], protocol_label(r))
         if r["name"] == "student":
-            column = ("student default" if changes_nothing(r.get("overrides"))
-                      else f"student {r['variant']}")
+            changes = effective_changes(r.get("overrides"))
+            column = "student " + ("default" if changes == () else named.setdefault(
+                changes if changes is not None else ("variant", r["variant"]), r["variant"]))
         elif single is not None:
             column = f"single model ({r['loss']})"
         else:
@@ -353,6 +384,15 @@ def main():
                              "(e.g. model.dtype=bfloat16,optim.epochs=60), before --variants")
     parser.add_argument("--variants", default="",
                         help="dsink only: ';'-separated NAME:field=value,... student variants")
+    parser.add_argument("--sweep", default="",
+                        help="dsink only: ';'-separated NAME=v1,v2,... of dsink.alpha and "
+                             "dsink.epsilon (alpha=1,2,5;epsilon=1,2,4): every (setting, seed) "
+                             "also trains that grid of students as one program "
+                             "(experiments/sweep.py's), after its --variants")
+    parser.add_argument("--sweep-members", default="unroll", choices=("unroll", "vmap"),
+                        help="the sweep's members: unroll (conv nets on a CPU) or vmap")
+    parser.add_argument("--sweep-name", default="sweep",
+                        help="the sweep's directory in each workdir")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--root", default="")
     parser.add_argument("--many", type=int, default=1500, help="many-shot: more images than this")
@@ -374,10 +414,16 @@ def main():
         parser.error(f"--jobs={args.jobs} must be >= 1")
     if not 0 <= args.few <= args.many:
         parser.error(f"need 0 <= --few ({args.few}) <= --many ({args.many})")
-    variants = parse_variants(args.variants) if args.variants else [(None, {})]
+    try:
+        grid = parse_grid(args.sweep) if args.sweep else None
+    except ValueError as err:
+        parser.error(f"--sweep={args.sweep!r}: {err}")
+    if args.family != "dsink" and (args.variants or grid):
+        parser.error("--variants and --sweep are for --family=dsink")
+    # With a sweep, only the variants named (its members include the default student).
+    variants = parse_variants(args.variants) if args.variants else (
+        [] if grid else [(None, {})])
     overrides_all = parse_variants(f"all:{args.overrides}")[0][1] if args.overrides else {}
-    if args.family != "dsink" and variants != [(None, {})]:
-        parser.error("--variants is for --family=dsink")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -389,20 +435,27 @@ def main():
     runs = []
     for setting in settings:
         for seed in seeds:
-            for variant, overrides in variants:
+            workdir = os.path.join(args.root, setting.replace(",", "_").replace("=", "-"),
+                                   f"seed{seed}")
+            sweep = [(Sweep(grid, args.sweep_members, args.sweep_name), {})] if grid else []
+            for variant, overrides in variants + sweep:
                 arg = ",".join(x for x in (f"dataset={args.data}", f"preset={args.preset}",
                                            setting, args.extra, f"seed={seed}") if x)
                 config = build(configs.parse_arg_string(arg, defaults))
                 apply_overrides(config, overrides_all)
                 apply_overrides(config, overrides)
-                if variant is not None:
+                if isinstance(variant, str):
                     config.dsink.stage_name = f"student_{variant}"
                 configs.validate_config(config)
                 if args.family == "dsink":
                     pipelines.dsink.validate(config)
-                workdir = os.path.join(args.root, setting.replace(",", "_").replace("=", "-"),
-                                       f"seed{seed}")
                 runs.append((setting, seed, variant, overrides, config, workdir))
+    if grid:
+        try:  # the members' values and the sweep's name, checked before anything trains
+            pipelines.dsink.members_of(grid, runs[-1][4])
+            pipelines.dsink.check_sweep_name(args.sweep_name, runs[-1][4])
+        except ValueError as err:
+            parser.error(f"--sweep: {err}")
 
     header = (f"# Accuracy: {args.family}, preset {args.preset}, {args.data}\n\n"
               f"Command: `python benchmarks/accuracy.py {' '.join(sys.argv[1:])}`\n\n")
@@ -414,14 +467,53 @@ def main():
     print(markdown)
 
 
+class Sweep(NamedTuple):
+    """A run's grid of students trained as one program (`pipelines.dsink.run_sweep`)."""
+    grid: dict
+    members: str
+    name: str
+
+
+def parse_grid(spec: str) -> dict[str, list[float]]:
+    """`"alpha=1,2;epsilon=1,2"` -> {"alpha": [1.0, 2.0], "epsilon": [1.0, 2.0]}: the student's
+    own options only (a record's overrides are `dsink.` fields; a learning rate or seed grid
+    is experiments/sweep.py's)."""
+    grid = pipelines.dsink.parse_sweep([s.strip() for s in spec.split(";") if s.strip()])
+    other = [name for name in grid if name not in SWEPT_HERE]
+    if other:
+        raise ValueError(f"{', '.join(other)} cannot be swept here; allowed: "
+                         f"{', '.join(SWEPT_HERE)} (learning_rate, weight_decay, seed: "
+                         "experiments/sweep.py)")
+    return grid
+
+
+def sweep_records(sweep: Sweep, summary: dict) -> list[dict]:
+    """The sweep's teachers' rows, then one student row per member: its variant is the
+    member's name and its overrides the member's `dsink.` values."""
+    rows = list(summary["teachers"])
+    for member in summary["members"]:
+        rows.append({**member, "name": "student", "loss": "dsink", "variant": member["name"],
+                     "overrides": {f"dsink.{k}": f"{member[k]:g}" for k in sweep.grid},
+                     "stage_dir": os.path.join(sweep.name, member["name"]),
+                     "sweep": {"name": sweep.name, "members": sweep.members}})
+    return rows
+
+
 def run_group(group: list) -> list:
     """Trains the runs of one workdir in turn: [(index, pipeline summary, seconds)]."""
     done = []
     for i, total, (setting, seed, variant, _, config, workdir) in group:
-        print(f"=== [{i + 1}/{total}] {config.family}: {setting}, seed {seed}, variant "
-              f"{variant} -> {workdir}", file=sys.stderr, flush=True)
+        print(f"=== [{i + 1}/{total}] {config.family}: {setting}, seed {seed}, "
+              f"{'sweep ' + variant.name if isinstance(variant, Sweep) else 'variant ' + str(variant)}"
+              f" -> {workdir}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        summary = pipelines.run(config, workdir)
+        if isinstance(variant, Sweep):
+            result = pipelines.dsink.run_sweep(config, workdir, variant.grid,
+                                               members_mode=variant.members, name=variant.name)
+            summary = {"stages": sweep_records(variant, result),
+                       "class_counts": result["class_counts"]}
+        else:
+            summary = pipelines.run(config, workdir)
         done.append((i, summary, time.perf_counter() - start))
     return done
 
@@ -453,19 +545,24 @@ def run_records(run: tuple, summary: dict, seconds: float, overrides_all: dict,
     """One record per stage of a finished run (its teachers and its student)."""
     setting, seed, variant, overrides, config, workdir = run
     records = []
-    with open(os.path.join(workdir, "results.json")) as f:
-        counts = json.load(f)["data"]["class_counts"]
+    counts = summary.get("class_counts")  # a sweep's; a pipeline's in the workdir's results
+    if counts is None:
+        with open(os.path.join(workdir, "results.json")) as f:
+            counts = json.load(f)["data"]["class_counts"]
     for row in summary["stages"]:
-        stage_dir = os.path.join(workdir, config.dsink.stage_name if (
-            row["name"] == "student") else row["loss"])
+        row = dict(row)
+        stage_dir = os.path.join(workdir, row.pop("stage_dir", None) or (
+            config.dsink.stage_name if row["name"] == "student" else row["loss"]))
+        student_variant = row.pop("variant", variant), row.pop("overrides", overrides)
         results_path = os.path.join(stage_dir, "results.json")
         wall = None
         if os.path.exists(results_path):
             with open(results_path) as f:
                 wall = json.load(f).get("wall_seconds")
         records.append({**regroup(row, counts, args.many, args.few), "setting": setting,
-                        "seed": seed, "variant": variant if row["name"] == "student" else None,
-                        "overrides": overrides if row["name"] == "student" else None,
+                        "seed": seed,
+                        "variant": student_variant[0] if row["name"] == "student" else None,
+                        "overrides": student_variant[1] if row["name"] == "student" else None,
                         "set": overrides_all, "protocol": {
                             "preset": args.preset, "model": config.model.name,
                             "dtype": config.model.dtype, "epochs": config.optim.epochs,

@@ -67,7 +67,7 @@ def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path, monkeypatch):
     assert record["sections"]["sweep"]["status"] == "skipped: no time left in the budget"
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=30)
 def test_accuracy_writes_the_table_and_the_records(tmp_path):
     out = run_script("accuracy.py", "--family=dsink", "--data=digits", "--preset=smoke",
                      "--settings=imbalance=10,noise=sym,noise_rate=0.2", "--seeds=0",
@@ -88,6 +88,23 @@ def test_accuracy_writes_the_table_and_the_records(tmp_path):
     # The same table from the records alone, as the README's is made.
     run_script("accuracy.py", f"--summarize={tmp_path}/accuracy.json", f"--out={tmp_path}/again")
     assert (tmp_path / "again.md").read_text().endswith(summary.split("\n\n", 2)[-1])
+    # A grid of students in one program (the sweep), in the same workdirs: the teachers are
+    # reused, every member gets a record, and the member with the default values is the
+    # default student, trained again inside the sweep's program to the same predictions.
+    out = run_script("accuracy.py", "--family=dsink", "--data=digits", "--preset=smoke",
+                     "--settings=imbalance=10,noise=sym,noise_rate=0.2", "--seeds=0",
+                     "--sweep=epsilon=1,2", f"--root={tmp_path}")
+    assert out.count("reusing the finished stage") == 3
+    swept = json.loads((tmp_path / "accuracy.json").read_text())
+    members = {r["variant"]: r for r in swept if r["name"] == "student"}
+    assert sorted(members) == ["epsilon1", "epsilon2"]
+    assert members["epsilon1"]["overrides"] == {"dsink.epsilon": "1"}
+    assert members["epsilon2"]["test_accuracy"] == pytest.approx(records[-1]["test_accuracy"],
+                                                                 abs=1e-9)
+    assert [p["epoch"] for p in members["epsilon1"]["curve"]] == [1, 2]
+    assert members["epsilon1"]["dsink"]["epsilon"] == 1
+    table = (tmp_path / "accuracy_summary.md").read_text()
+    assert "| student default | 0 |" in table and "| student epsilon1 | 0 |" in table
     # What the run's teachers know: restored from their checkpoints, CE and f_L give back the
     # test accuracies they recorded; the class masses are distributions.
     run_script("teacher_diagnostics.py", "--data=digits", "--preset=smoke",
@@ -184,13 +201,31 @@ def test_a_variant_that_changes_no_default_is_summarised_as_the_default_student(
                dict(base, seed=0, variant="fwd", overrides={"dsink.teachers": "forward"},
                     test_accuracy=0.41),
                dict(base, seed=0, variant="long", overrides={"optim.epochs": "30"},
-                    test_accuracy=0.43)]
+                    test_accuracy=0.43),
+               # Sweep members: one changes epsilon alone (as e1 does), one nothing.
+               dict(base, seed=1, variant="alpha2_epsilon1",
+                    overrides={"dsink.alpha": "2", "dsink.epsilon": "1"}, test_accuracy=0.46),
+               dict(base, seed=2, variant="alpha2_epsilon2",
+                    overrides={"dsink.alpha": "2", "dsink.epsilon": "2"}, test_accuracy=0.41),
+               dict(base, seed=1, variant="alpha5_epsilon1",
+                    overrides={"dsink.alpha": "5", "dsink.epsilon": "1"}, test_accuracy=0.25)]
     columns = accuracy.summary_groups(records)[(base["setting"],
                                                 "cpu: resnet8, bfloat16, 30 epochs")]
     # One seed per column: the first of seed 0's two default-equal students is kept.
     assert {c: [r["test_accuracy"] for r in rows] for c, rows in columns.items()} == {
-        "student default": [0.42, 0.44], "student e1": [0.45], "student fwd": [0.41],
-        "student long": [0.43]}
+        "student default": [0.42, 0.44, 0.41], "student e1": [0.45, 0.46],
+        "student fwd": [0.41], "student long": [0.43], "student alpha5_epsilon1": [0.25]}
+
+
+def test_the_accuracy_sweep_takes_the_students_own_options_only():
+    from benchmarks import accuracy
+    assert accuracy.parse_grid("alpha=1,2; epsilon=4") == {"alpha": [1.0, 2.0],
+                                                           "epsilon": [4.0]}
+    for bad, match in (("seed=0,1", "seed cannot be swept here"),
+                       ("learning_rate=0.1", "learning_rate cannot be swept here"),
+                       ("beta=1", "cannot sweep 'beta'")):
+        with pytest.raises(ValueError, match=match):
+            accuracy.parse_grid(bad)
 
 
 def test_accuracy_jobs_train_workdirs_in_parallel_processes_to_the_same_models(tmp_path):

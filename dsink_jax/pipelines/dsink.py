@@ -605,6 +605,13 @@ def init_members(method, members: list[dict], sample_images: np.ndarray):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
+def check_sweep_name(name: str, config) -> None:
+    """Raises ConfigError unless `name` can be a sweep's directory in the workdir."""
+    require(_is_stage_dir_name(name) and name != config.dsink.stage_name,
+            f"sweep name {name!r} must be a plain directory name other than a loss name, "
+            f"'plots' or the student's dsink.stage_name")
+
+
 def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
               members_mode: str = "vmap", name: str = "sweep") -> dict:
     """Trains the teachers (or reuses them), then every student of `grid` in one program.
@@ -613,15 +620,14 @@ def run_sweep(config, workdir: str, grid: dict[str, list[float]], *,
     `members`): each gets the metrics, evaluations and results of a single run in
     `workdir/<name>/<member>/`, and a member with the config's own values and seed trains the
     same student as `experiments/main.py`. Writes `workdir/<name>/summary.md` and
-    `summary.json` (members ranked by test accuracy, diverged members last). Resumes from
+    `summary.json` (members ranked by test accuracy, diverged members last), and returns
+    `{"members": their rows, "teachers": the teachers' rows, "class_counts": [C]}`. Resumes from
     `workdir/<name>/checkpoints`; another grid or config under the same name replaces it, so
     sweeps that should stay side by side in one workdir (sharing its teachers) take their own
     names.
     """
     validate(config)
-    require(_is_stage_dir_name(name) and name != config.dsink.stage_name,
-            f"sweep name {name!r} must be a plain directory name other than a loss name, "
-            f"'plots' or the student's dsink.stage_name")
+    check_sweep_name(name, config)
     check_workdir(workdir)
     for field, allowed in SWEEP_SUPPORTS.items():
         if config.dsink[field] not in allowed:
@@ -659,6 +665,10 @@ def _run_sweep(config, workdir, members, members_mode, name):
     seconds = time.perf_counter() - start
     rows = [{**member, **result} for member, result in zip(members, results)]
     for row in rows:
+        # As a single run's student row records them ("auto" resolved).
+        row["dsink"] = {**config.dsink.to_dict(), "alpha": row["alpha"],
+                        "epsilon": row["epsilon"]}
+        row["teacher_losses"] = teacher_losses(config)
         write_json(os.path.join(sweep_dir, row["name"], "results.json"), row)
     rows.sort(key=lambda r: (r["diverged_at_step"] is None, r["test_accuracy"]), reverse=True)
     table = ["| rank | member | alpha | epsilon | lr | wd | seed | overall | many | medium | few "
@@ -685,4 +695,5 @@ def _run_sweep(config, workdir, members, members_mode, name):
                {"members": rows, "teachers": teachers["rows"], "wall_seconds": seconds,
                 "provenance": provenance(), "config": config.to_dict()})
     print(markdown)
-    return {"members": rows}
+    return {"members": rows, "teachers": teachers["rows"],
+            "class_counts": [int(c) for c in training_set.class_counts]}
