@@ -503,9 +503,9 @@ def run_group(group: list) -> list:
     """Trains the runs of one workdir in turn: [(index, pipeline summary, seconds)]."""
     done = []
     for i, total, (setting, seed, variant, _, config, workdir) in group:
-        print(f"=== [{i + 1}/{total}] {config.family}: {setting}, seed {seed}, "
-              f"{'sweep ' + variant.name if isinstance(variant, Sweep) else 'variant ' + str(variant)}"
-              f" -> {workdir}", file=sys.stderr, flush=True)
+        what = f"sweep {variant.name}" if isinstance(variant, Sweep) else f"variant {variant}"
+        print(f"=== [{i + 1}/{total}] {config.family}: {setting}, seed {seed}, {what} -> "
+              f"{workdir}", file=sys.stderr, flush=True)
         start = time.perf_counter()
         if isinstance(variant, Sweep):
             result = pipelines.dsink.run_sweep(config, workdir, variant.grid,
