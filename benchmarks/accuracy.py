@@ -212,16 +212,6 @@ def single_model_setting(record: dict) -> str | None:
     return ",".join(p for p in parts if p != f"loss={record['loss']}")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def effective_changes(overrides: dict | None) -> tuple | None:
     """What a student variant's overrides change in the dsink family's defaults, as sorted
     (field, value) pairs: `()` for a variant that changes nothing (e.g.
@@ -233,10 +223,9 @@ def effective_changes(overrides: dict | None) -> tuple | None:
     if not all(key.startswith("dsink.") for key in overrides):
         return None
     changed = pipelines.dsink.build_config(pipelines.dsink.ARGS)
-    default = _flat(changed.to_dict())
+    default = changed.dsink.to_dict()  # flat: dsink.* overrides change nothing else
     apply_overrides(changed, overrides)
-    return tuple(sorted((k, v) for k, v in _flat(changed.to_dict()).items()
-                        if default.get(k) != v))
+    return tuple(sorted((f"dsink.{k}", v) for k, v in changed.dsink.items() if default[k] != v))
 
 
 def changes_nothing(overrides: dict | None) -> bool:
@@ -433,11 +422,11 @@ def main():
     settings = [s.strip() for s in args.settings.split(";") if s.strip()]
     # Every config is built and checked before the first stage trains.
     runs = []
+    sweep = [(Sweep(grid, args.sweep_members, args.sweep_name), {})] if grid else []
     for setting in settings:
         for seed in seeds:
             workdir = os.path.join(args.root, setting.replace(",", "_").replace("=", "-"),
                                    f"seed{seed}")
-            sweep = [(Sweep(grid, args.sweep_members, args.sweep_name), {})] if grid else []
             for variant, overrides in variants + sweep:
                 arg = ",".join(x for x in (f"dataset={args.data}", f"preset={args.preset}",
                                            setting, args.extra, f"seed={seed}") if x)
@@ -553,7 +542,7 @@ def run_records(run: tuple, summary: dict, seconds: float, overrides_all: dict,
         row = dict(row)
         stage_dir = os.path.join(workdir, row.pop("stage_dir", None) or (
             config.dsink.stage_name if row["name"] == "student" else row["loss"]))
-        student_variant = row.pop("variant", variant), row.pop("overrides", overrides)
+        row_variant, row_overrides = row.pop("variant", variant), row.pop("overrides", overrides)
         results_path = os.path.join(stage_dir, "results.json")
         wall = None
         if os.path.exists(results_path):
@@ -561,8 +550,8 @@ def run_records(run: tuple, summary: dict, seconds: float, overrides_all: dict,
                 wall = json.load(f).get("wall_seconds")
         records.append({**regroup(row, counts, args.many, args.few), "setting": setting,
                         "seed": seed,
-                        "variant": student_variant[0] if row["name"] == "student" else None,
-                        "overrides": student_variant[1] if row["name"] == "student" else None,
+                        "variant": row_variant if row["name"] == "student" else None,
+                        "overrides": row_overrides if row["name"] == "student" else None,
                         "set": overrides_all, "protocol": {
                             "preset": args.preset, "model": config.model.name,
                             "dtype": config.model.dtype, "epochs": config.optim.epochs,

@@ -664,11 +664,11 @@ def _run_sweep(config, workdir, members, members_mode, name):
                              mode=members_mode))
     seconds = time.perf_counter() - start
     rows = [{**member, **result} for member, result in zip(members, results)]
-    for row in rows:
-        # As a single run's student row records them ("auto" resolved).
+    losses = teacher_losses(config)  # "auto" resolved
+    for row in rows:  # as a single run's student row records them
         row["dsink"] = {**config.dsink.to_dict(), "alpha": row["alpha"],
                         "epsilon": row["epsilon"]}
-        row["teacher_losses"] = teacher_losses(config)
+        row["teacher_losses"] = losses
         write_json(os.path.join(sweep_dir, row["name"], "results.json"), row)
     rows.sort(key=lambda r: (r["diverged_at_step"] is None, r["test_accuracy"]), reverse=True)
     table = ["| rank | member | alpha | epsilon | lr | wd | seed | overall | many | medium | few "
